@@ -1,0 +1,1 @@
+"""Console entry points: thin absl mains over the library."""

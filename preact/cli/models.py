@@ -1,0 +1,83 @@
+"""preact-models: every registered unit variant and network, with size and FLOPs.
+
+  preact-models                        # the table
+  preact-models --json                 # the same, one JSON list
+  preact-models --units=full_preact,original --depths=164,1001
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+
+from preact import models, units
+
+CIFAR_DEPTHS = (20, 56, 110, 164, 1001, 1202)
+IMAGENET_DEPTHS = (50, 152, 200)
+
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON list instead of a table.')
+_UNITS = flags.DEFINE_list('units', list(units.UNITS), 'Unit variants to list.')
+_DEPTHS = flags.DEFINE_list('depths', None, 'CIFAR and/or ImageNet depths '
+                            f'(default: CIFAR {CIFAR_DEPTHS}, ImageNet {IMAGENET_DEPTHS}).')
+_ARCH = flags.DEFINE_enum('arch', 'all', ['all', 'cifar', 'imagenet'], 'Which networks.')
+
+
+def rows(unit_names, cifar_depths, imagenet_depths):
+  """Yields one dict per (network, unit variant); CIFAR nets in every branch the depth fits."""
+  for depth in cifar_depths:
+    for branch, (per_unit, _, _) in models._CIFAR_DEPTH.items():
+      if (depth - 2) % per_unit:
+        continue
+      for unit in unit_names:
+        model = models.cifar_resnet(depth, unit, bottleneck=branch == 'bottleneck',
+                                    one_layer=branch == 'one_layer')
+        yield _row('cifar', depth, unit, branch, model, (32, 32, 3), 10)
+  for depth in imagenet_depths:
+    for unit in unit_names:
+      model = models.imagenet_resnet(depth, unit)
+      yield _row('imagenet', depth, unit, model.branch, model, (224, 224, 3), 1000)
+
+
+def _row(arch, depth, unit, branch, model, image_shape, classes):
+  params, flops = models.size_and_flops(model, image_shape)
+  return dict(arch=arch, depth=depth, unit=unit, branch=branch, params=params,
+              flops=flops, image_shape=list(image_shape), num_classes=classes)
+
+
+def main(argv):
+  del argv
+  try:
+    for u in _UNITS.value:
+      units.get_unit(u)
+    depths = [int(d) for d in _DEPTHS.value] if _DEPTHS.value else None
+  except ValueError as e:
+    sys.exit(f'preact-models: {e}')
+  cifar = [d for d in depths if d not in models.IMAGENET_STAGES or d in CIFAR_DEPTHS] \
+      if depths else CIFAR_DEPTHS
+  imnet = [d for d in depths if d in models.IMAGENET_STAGES] if depths else IMAGENET_DEPTHS
+  cifar = [] if _ARCH.value == 'imagenet' else cifar
+  imnet = [] if _ARCH.value == 'cifar' else imnet
+  bad = [d for d in cifar if not any(d > 2 and (d - 2) % m == 0
+                                     for m, _, _ in models._CIFAR_DEPTH.values())]
+  if bad:
+    sys.exit(f'preact-models: depth {bad[0]} fits no CIFAR unit (6n+2, 9n+2 or 3n+2) '
+             'and is no ImageNet depth (18, 34, 50, 101, 152, 200)')
+  if _JSON.value:
+    print(json.dumps(list(rows(_UNITS.value, cifar, imnet))))
+    return
+  header = f'{"net":<10} {"depth":>5} {"branch":<10} {"unit":<22} {"params":>12} {"GFLOPs":>9}'
+  print(header)
+  print('-' * len(header))
+  for r in rows(_UNITS.value, cifar, imnet):
+    print(f'{r["arch"]:<10} {r["depth"]:>5} {r["branch"]:<10} {r["unit"]:<22} '
+          f'{r["params"]:>12,} {r["flops"] / 1e9:>9.3f}', flush=True)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,54 @@
+"""Layers injected into the units as partials: the convolution and the batch norm."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+# N(0, sqrt(2 / (k·k·out_channels))): the authors' ConvInit (fan-out He init, untruncated).
+he_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# Torch's nn.Linear default, U(±1/sqrt(fan_in)); the authors zero its bias.
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+class Conv(nn.Module):
+  """A 2-D NHWC convolution with Torch's symmetric k//2 padding.
+
+  Flax's 'SAME' pads a strided 3×3 conv as (0, 1) where the authors' Torch code pads
+  (1, 1); the two sample different pixels, so we pad as they did. Parameters are laid
+  out exactly like ``nn.Conv`` ('kernel' HWIO, optional 'bias').
+  """
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = he_normal_fan_out
+  bias_init: Initializer = nn.initializers.zeros
+  # 1×1 convs as a matmul over the channel axis: the same math, and on XLA:CPU
+  # several times faster than its convolution (GUIDE.md §5). Chosen per backend.
+  matmul_1x1: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features),
+                        self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.matmul_1x1 and (kh, kw) == (1, 1):
+      sh, sw = self.strides
+      y = jnp.einsum('nhwc,cd->nhwd', x[:, ::sh, ::sw], kernel[0, 0])
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, self.strides, [(kh // 2, kh // 2), (kw // 2, kw // 2)],
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (self.features,),
+                         self.param_dtype).astype(self.dtype)
+    return y

@@ -1,0 +1,252 @@
+"""The networks: the authors' CIFAR ResNets and the ImageNet ResNets, any unit variant.
+
+Identical units of a stage (all but its first) run under ``nn.scan`` so that a
+1001-layer net compiles one unit body per stage rather than 333 copies of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from preact import layers
+from preact.units import BRANCHES, ResidualUnit, get_unit
+
+# Collections stacked along the scan axis: one slice per unit.
+_SCANNED = {'params': 0, 'batch_stats': 0, 'perturbations': 0, 'intermediates': 0}
+
+
+class ResNet(nn.Module):
+  """A stem, stages of residual units, a head. Stage s has ``stage_sizes[s]`` units."""
+  unit: str = 'full_preact'
+  stage_sizes: Sequence[int] = (18, 18, 18)
+  widths: Sequence[int] = (64, 128, 256)
+  strides: Sequence[int] = (1, 2, 2)
+  branch: str = 'bottleneck'
+  stem: str = 'cifar'  # 'cifar': one 3×3 conv; 'imagenet': 7×7/2 conv, 3×3/2 max pool
+  stem_width: int = 16
+  num_classes: int = 10
+  unit_args: Any = None
+  zero_init_last: bool = False
+  dtype: Any = jnp.float32
+  scan: bool = True
+  remat: bool = False
+  bn_axis_name: str | None = None  # 'batch' for BN statistics across replicas
+  bn_momentum: float = 0.9  # Torch's momentum 0.1 in Flax's convention
+  bn_epsilon: float = 1e-5
+  matmul_1x1: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    layout = get_unit(self.unit, self.unit_args)[0].layout
+    conv = functools.partial(layers.Conv, dtype=self.dtype, matmul_1x1=self.matmul_1x1)
+    norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum,
+                             epsilon=self.bn_epsilon, dtype=self.dtype,
+                             axis_name=self.bn_axis_name)
+
+    imagenet = self.stem == 'imagenet'
+    x = conv(self.stem_width, (7, 7) if imagenet else (3, 3), (2, 2) if imagenet else (1, 1),
+             name='stem')(x)
+    # A unit that starts with BN-ReLU normalizes its own input; the others expect an
+    # activated one, as in the original ResNet.
+    if not layout.preactivated_input:
+      x = nn.relu(norm(name='stem_bn')(x, use_running_average=not train))
+    if imagenet:
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+
+    unit_cls = ResidualUnit
+    if self.remat:
+      unit_cls = nn.remat(ResidualUnit, static_argnums=(2,), prevent_cse=not self.scan)
+    for s, (n, width, stride) in enumerate(zip(self.stage_sizes, self.widths, self.strides)):
+      make = functools.partial(unit_cls, unit=self.unit, features=width, branch=self.branch,
+                               unit_args=self.unit_args, zero_init_last=self.zero_init_last,
+                               conv=conv, norm=norm)
+      x = make(strides=stride, project=stride != 1 or x.shape[-1] != width,
+               name=f'stage{s + 1}_unit1')(x, train)
+      if n > 1 and self.scan:
+        body = nn.scan(lambda unit, carry, _: (unit(carry, train), None),
+                       variable_axes=_SCANNED, split_rngs={'params': True, 'dropout': True},
+                       length=n - 1)
+        x, _ = body(make(name=f'stage{s + 1}_rest'), x, None)
+      else:
+        for j in range(2, n + 1):
+          x = make(name=f'stage{s + 1}_unit{j}')(x, train)
+
+    # After a bare addition the signal is unnormalized: pre-activation nets end with
+    # BN-ReLU (resnet-pre-act.lua).
+    if layout.raw_output:
+      x = nn.relu(norm(name='head_bn')(x, use_running_average=not train))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=layers.torch_linear_init,
+                 name='classifier')(x)
+    return x.astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Constructors.
+
+_CIFAR_DEPTH = {'basic': (6, '6n+2', 'e.g. 20, 56, 110, 1202'),
+                'bottleneck': (9, '9n+2', 'e.g. 164, 1001'),
+                'one_layer': (3, '3n+2', 'e.g. 110')}
+
+
+def cifar_branch(bottleneck: bool = False, one_layer: bool = False) -> str:
+  if bottleneck and one_layer:
+    raise ValueError('bottleneck and one_layer exclude each other: the 1-layer skip unit '
+                     'has a single 3×3 conv')
+  return 'bottleneck' if bottleneck else 'one_layer' if one_layer else 'basic'
+
+
+def cifar_resnet(depth: int, unit: str = 'full_preact', bottleneck: bool = False,
+                 one_layer: bool = False, num_classes: int = 10, **kwargs) -> ResNet:
+  """The authors' CIFAR ResNet (resnet-pre-act.lua): 3 stages, 16-channel 3×3 stem.
+
+  Basic units give depth 6n+2 (widths 16/32/64), bottleneck units 9n+2 (outputs
+  64/128/256, inner width out/4), the "1-layer skip" unit 3n+2 (widths 16/32/64).
+  """
+  branch = cifar_branch(bottleneck, one_layer)
+  per_unit, form, examples = _CIFAR_DEPTH[branch]
+  if not isinstance(depth, (int, np.integer)) or depth < 2 + per_unit or (depth - 2) % per_unit:
+    valid = [k for k, (m, _, _) in _CIFAR_DEPTH.items()
+             if isinstance(depth, (int, np.integer)) and depth > 2 and (depth - 2) % m == 0]
+    hint = f'; depth {depth} fits: {", ".join(valid)}' if valid else ''
+    raise ValueError(f'depth {depth} does not fit {branch} units: need {form} ({examples})'
+                     + hint)
+  n = (depth - 2) // per_unit
+  widths = (64, 128, 256) if branch == 'bottleneck' else (16, 32, 64)
+  get_unit(unit, kwargs.get('unit_args'))
+  return ResNet(unit=unit, stage_sizes=(n, n, n), widths=widths, strides=(1, 2, 2),
+                branch=branch, stem='cifar', stem_width=16, num_classes=num_classes, **kwargs)
+
+
+IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                   152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+
+
+def imagenet_resnet(depth: int, unit: str = 'full_preact', num_classes: int = 1000,
+                    **kwargs) -> ResNet:
+  """ImageNet ResNet-18…200: basic units below 50 layers, bottleneck from 50 on."""
+  if depth not in IMAGENET_STAGES:
+    raise ValueError(f'no ImageNet ResNet of depth {depth}; valid depths: '
+                     f'{", ".join(map(str, IMAGENET_STAGES))}')
+  bottleneck = depth >= 50
+  widths = (256, 512, 1024, 2048) if bottleneck else (64, 128, 256, 512)
+  get_unit(unit, kwargs.get('unit_args'))
+  return ResNet(unit=unit, stage_sizes=IMAGENET_STAGES[depth], widths=widths,
+                strides=(1, 2, 2, 2), branch='bottleneck' if bottleneck else 'basic',
+                stem='imagenet', stem_width=64, num_classes=num_classes, **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Inspection helpers.
+
+
+def init_shapes(model: ResNet, image_shape: Sequence[int]) -> dict:
+  """Variables' shapes and dtypes without allocating them (``jax.eval_shape``)."""
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
+
+
+def forward_flops(model: ResNet, image_shape: Sequence[int]) -> float:
+  """Forward FLOPs per image in eval mode, from XLA's cost analysis."""
+  return size_and_flops(model, image_shape)[1]
+
+
+def size_and_flops(model: ResNet, image_shape: Sequence[int]) -> tuple[int, float]:
+  """(parameter count, forward FLOPs per image in eval mode), FLOPs from XLA.
+
+  XLA counts a while loop's body once, whatever its trip count, so a scanned net
+  would be undercounted. Units within a stage are identical, so both numbers are
+  affine in each stage's size: we lower unrolled nets with one unit per stage and
+  with one more unit in each stage in turn, and extrapolate. This is exact, and spares
+  lowering a 1001-layer unrolled net.
+  """
+  def measure(sizes):
+    return _measure(model.clone(stage_sizes=tuple(sizes), scan=False, remat=False),
+                    tuple(image_shape))
+
+  ones = [1] * len(model.stage_sizes)
+  base = measure(ones)
+  total = base.copy()
+  for s, n in enumerate(model.stage_sizes):
+    if n > 1:
+      total += (n - 1) * (measure(ones[:s] + [2] + ones[s + 1:]) - base)
+  return int(total[0]), float(total[1])
+
+
+@functools.lru_cache(maxsize=None)  # depths of one variant share their small nets
+def _measure(model: ResNet, image_shape: tuple[int, ...]) -> np.ndarray:
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  variables = {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
+  lowered = jax.jit(functools.partial(model.apply, train=False)).lower(variables, x)
+  return np.array([count_params(variables['params']), lowered.cost_analysis()['flops']])
+
+
+_REST = re.compile(r'^(stage\d+)_rest$')
+
+
+def unscan(tree: dict) -> dict:
+  """Turns a scanned variable tree into the unrolled net's layout (``stageS_unitJ``)."""
+  out = {}
+  for name, sub in tree.items():
+    m = _REST.match(name)
+    if m is None:
+      out[name] = unscan(sub) if isinstance(sub, dict) else sub
+      continue
+    n = jax.tree.leaves(sub)[0].shape[0]
+    for j in range(n):
+      out[f'{m.group(1)}_unit{j + 2}'] = jax.tree.map(lambda a, j=j: a[j], sub)
+  return out
+
+
+def scan_tree(tree: dict) -> dict:
+  """The inverse of :func:`unscan`: stacks ``stageS_unit2…`` into ``stageS_rest``."""
+  out, rest = {}, {}
+  for name, sub in tree.items():
+    m = re.match(r'^(stage\d+)_unit(\d+)$', name)
+    if m and int(m.group(2)) > 1:
+      rest.setdefault(m.group(1), {})[int(m.group(2))] = sub
+    else:
+      out[name] = scan_tree(sub) if isinstance(sub, dict) else sub
+  for stage, units in rest.items():
+    subs = [units[j] for j in sorted(units)]
+    out[f'{stage}_rest'] = jax.tree.map(lambda *a: jnp.stack(a), *subs)
+  return out
+
+
+def unit_inputs(tree: dict) -> list[tuple[int, jax.Array]]:
+  """Per-unit arrays (x_l, or ∂L/∂x_l) in network order as (stage index, array).
+
+  Accepts an 'intermediates' or 'perturbations' collection of either layout."""
+  out = []
+  for name in sorted(tree, key=_unit_order):
+    m = re.match(r'^stage(\d+)_(unit\d+|rest)$', name)
+    if not m:
+      continue
+    value = tree[name]['x']
+    if isinstance(value, tuple):  # sown values come as a tuple of calls
+      value = value[0]
+    stage = int(m.group(1)) - 1
+    if m.group(2) == 'rest':
+      out.extend((stage, value[j]) for j in range(value.shape[0]))
+    else:
+      out.append((stage, value))
+  return out
+
+
+def _unit_order(name: str):
+  m = re.match(r'^stage(\d+)_(?:unit(\d+)|rest)$', name)
+  if not m:
+    return (1 << 30, 0)
+  return (int(m.group(1)), int(m.group(2) or 2))

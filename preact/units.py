@@ -1,0 +1,239 @@
+"""Residual units of "Identity Mappings in Deep Residual Networks" (He et al., 2016).
+
+A unit computes x_{l+1} = f(h(x_l) + F(x_l)). The paper varies two things, and so
+does this file:
+
+* where BN and ReLU sit around the convolutions of F and after the addition f
+  (paper Fig. 4, :data:`PLACEMENTS`), and
+* what the shortcut h does (paper Fig. 2, the ``Shortcut`` modules below).
+
+A registered variant (:data:`UNITS`) is one placement plus one shortcut. Between two
+convolutions of a branch there is always BN-ReLU, so a placement is fully described
+by what comes before the first convolution, after the last one, and after the
+addition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleDef = Any
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------------------
+# Activation placements (paper Fig. 4).
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """BN/ReLU around a residual branch: before its first conv, after its last, after +."""
+  before: tuple[str, ...]
+  after_branch: tuple[str, ...]
+  after_add: tuple[str, ...]
+
+  @property
+  def preactivated_input(self) -> bool:
+    """Whether the unit normalizes its own input (so the stem need not)."""
+    return 'bn' in self.before
+
+  @property
+  def raw_output(self) -> bool:
+    """Whether the addition is the unit's last op (so the head must normalize)."""
+    return not self.after_add
+
+  @property
+  def normalized_branch(self) -> bool:
+    """Whether F ends in BN: then a projection shortcut gets a BN too (fb.resnet.torch
+    shortcut type B), so both summands reach the addition on the same scale."""
+    return 'bn' in self.after_branch
+
+
+PLACEMENTS: dict[str, Placement] = {
+    #                                   before           after F          after +
+    'original':             Placement((),              ('bn',),         ('relu',)),
+    'bn_after_addition':    Placement((),              (),              ('bn', 'relu')),
+    'relu_before_addition': Placement((),              ('bn', 'relu'),  ()),
+    'relu_only_preact':     Placement(('relu',),       ('bn',),         ()),
+    'full_preact':          Placement(('bn', 'relu'),  (),              ()),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Shortcuts (paper Fig. 2). Each combines the unit input x, the shortcut signal h
+# (x itself, or its projection when the shape changes) and the branch output F.
+
+
+class Shortcut(nn.Module):
+  """Fig. 2(a), the identity: x_{l+1} = h + F. Subclasses change the combination."""
+  conv: ModuleDef = nn.Conv  # injected by the unit, for shortcuts with parameters
+
+  @nn.compact
+  def __call__(self, x: Array, h: Array, f: Array, train: bool) -> Array:
+    return h + f
+
+
+class ConstantScaling(Shortcut):
+  """Fig. 2(b): λ·h + β·F. The paper's rows are λ=0.5 with β=1 ("0.5/1") and β=0.5."""
+  scale: float = 0.5
+  branch_scale: float = 0.5
+
+  @nn.compact
+  def __call__(self, x, h, f, train):
+    return self.scale * h + self.branch_scale * f
+
+
+class Gating(Shortcut):
+  """Fig. 2(c, d): h gated by 1 − g(x), g(x) = σ(W_g x + b_g) with W_g a 1×1 conv.
+
+  A very negative b_g starts the gate near 0, i.e. close to an identity shortcut,
+  which is why the paper needs b_g ≈ −6 to train ResNet-110 with it.
+  """
+  bias: float = -6.0
+  exclusive: bool = True  # Fig. 2(c) also gates F by g; Fig. 2(d) leaves F alone.
+
+  @nn.compact
+  def __call__(self, x, h, f, train):
+    stride = x.shape[1] // f.shape[1]
+    g = nn.sigmoid(self.conv(f.shape[-1], (1, 1), (stride, stride), use_bias=True,
+                             bias_init=nn.initializers.constant(self.bias),
+                             name='gate')(x))
+    return (1 - g) * h + (g * f if self.exclusive else f)
+
+
+class DropoutShortcut(Shortcut):
+  """Fig. 2(f): dropout on h. Not rescaled by 1/(1−rate): the paper reads it as a
+  stochastic λ whose expectation is 1 − rate, and evaluation uses that expectation."""
+  rate: float = 0.5
+
+  @nn.compact
+  def __call__(self, x, h, f, train):
+    keep = 1.0 - self.rate
+    if not train:
+      return keep * h + f
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, h.shape)
+    return jnp.where(mask, h, 0).astype(h.dtype) + f
+
+
+# --------------------------------------------------------------------------------------
+# The registry.
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitDef:
+  """A named unit variant: a placement, a shortcut and the shortcut's defaults."""
+  placement: str
+  shortcut: Callable[..., Shortcut] = Shortcut
+  defaults: dict = dataclasses.field(default_factory=dict)
+  project_always: bool = False  # Fig. 2(e): a 1×1 conv shortcut on every unit.
+
+  @property
+  def layout(self) -> Placement:
+    return PLACEMENTS[self.placement]
+
+
+UNITS: dict[str, UnitDef] = {
+    # Fig. 4, activation placements, identity shortcut.
+    **{name: UnitDef(name) for name in PLACEMENTS},
+    # Fig. 2, shortcut variants on the original unit.
+    'constant_scaling': UnitDef('original', ConstantScaling,
+                                {'scale': 0.5, 'branch_scale': 0.5}),
+    'exclusive_gating': UnitDef('original', functools.partial(Gating, exclusive=True),
+                                {'bias': -6.0}),
+    'shortcut_only_gating': UnitDef('original', functools.partial(Gating, exclusive=False),
+                                    {'bias': -6.0}),
+    'conv_shortcut': UnitDef('original', project_always=True),
+    'dropout_shortcut': UnitDef('original', DropoutShortcut, {'rate': 0.5}),
+}
+
+# Shortcut variants evaluated in paper Table 1 (all on the original unit).
+SHORTCUT_VARIANTS = ('original', 'constant_scaling', 'exclusive_gating',
+                     'shortcut_only_gating', 'conv_shortcut', 'dropout_shortcut')
+
+
+def get_unit(name: str, args: dict | None = None) -> tuple[UnitDef, dict]:
+  """Looks up a unit variant and validates its arguments; returns (def, full args)."""
+  if name not in UNITS:
+    raise ValueError(f'unknown unit {name!r}; valid units: {", ".join(UNITS)}')
+  unit = UNITS[name]
+  args = dict(args or {})
+  unknown = set(args) - set(unit.defaults)
+  if unknown:
+    valid = ', '.join(unit.defaults) or 'none'
+    raise ValueError(f'unit {name!r} has no argument(s) {", ".join(sorted(unknown))}; '
+                     f'valid: {valid}')
+  args = {**unit.defaults, **args}
+  if 'rate' in args and not 0.0 <= args['rate'] < 1.0:
+    raise ValueError(f'dropout rate must be in [0, 1), got {args["rate"]}')
+  for key, value in args.items():
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+      raise ValueError(f'unit argument {key} must be a number, got {value!r}')
+  return unit, args
+
+
+# Branch shapes: kernel sizes and the width of each conv relative to the unit's output.
+# The stride sits on the first conv, as in the authors' resnet-pre-act.lua.
+BRANCHES: dict[str, tuple[tuple[int, int], ...]] = {
+    'basic': ((3, 1), (3, 1)),                  # two 3×3
+    'bottleneck': ((1, 4), (3, 4), (1, 1)),     # 1×1 (out/4), 3×3 (out/4), 1×1 (out)
+    'one_layer': ((3, 1),),                     # Table 3's "1-layer skip"
+}
+
+
+class ResidualUnit(nn.Module):
+  """One residual unit x_{l+1} = f(h(x_l) + F(x_l)) of any registered variant."""
+  unit: str
+  features: int
+  branch: str = 'basic'
+  strides: int = 1
+  project: bool = False
+  unit_args: Any = None
+  zero_init_last: bool = False
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    unit, args = get_unit(self.unit, self.unit_args)
+    p = unit.layout
+    # x_l is the point the probes differentiate at: ∂L/∂x_l is the gradient of this
+    # zero perturbation, and the forward value is sown for ‖x_l‖.
+    x = self.perturb('x', x)
+    self.sow('intermediates', 'x', x)
+
+    def ops(names, y, last=False):
+      for op in names:
+        if op == 'bn':
+          # Zeroing the branch's last BN scale makes F ≡ 0 at init (Goyal et al.).
+          zero = last and self.zero_init_last
+          init = {'scale_init': nn.initializers.zeros} if zero else {}
+          y = self.norm(**init)(y, use_running_average=not train)
+        else:
+          y = nn.relu(y)
+      return y
+
+    y = ops(p.before, x)
+    h = x
+    if self.project or unit.project_always:
+      # Projecting units share the pre-activation between branch and shortcut; identity
+      # units add the raw x_l (resnet-pre-act.lua).
+      h = self.conv(self.features, (1, 1), (self.strides,) * 2, name='proj')(y)
+      if p.normalized_branch:
+        h = self.norm(name='proj_bn')(h, use_running_average=not train)
+    convs = BRANCHES[self.branch]
+    for i, (k, div) in enumerate(convs):
+      if i:
+        y = ops(('bn', 'relu'), y)
+      zero = self.zero_init_last and i == len(convs) - 1 and not p.normalized_branch
+      init = {'kernel_init': nn.initializers.zeros} if zero else {}
+      y = self.conv(self.features // div, (k, k), (self.strides if i == 0 else 1,) * 2,
+                    **init)(y)
+    y = ops(p.after_branch, y, last=True)
+    out = unit.shortcut(conv=self.conv, **args, name='shortcut')(x, h, y, train)
+    return ops(p.after_add, out)
