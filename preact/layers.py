@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -31,9 +32,9 @@ class Conv(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Initializer = he_normal_fan_out
   bias_init: Initializer = nn.initializers.zeros
-  # 1×1 convs as a matmul over the channel axis: the same math, and on XLA:CPU
-  # several times faster than its convolution (GUIDE.md §5). Chosen per backend.
-  matmul_1x1: bool = False
+  # XLA:CPU formulations of the same math, chosen per backend (never on GPU/TPU):
+  # 1×1 convs as a matmul over channels, k×k convs with canonical-layout gradients.
+  cpu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -41,14 +42,59 @@ class Conv(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features),
                         self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if self.matmul_1x1 and (kh, kw) == (1, 1):
+    padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+    if self.cpu and (kh, kw) == (1, 1):
       sh, sw = self.strides
       y = jnp.einsum('nhwc,cd->nhwd', x[:, ::sh, ::sw], kernel[0, 0])
+    elif self.cpu:
+      y = conv_canonical_grads(x, kernel, tuple(self.strides), padding)
     else:
-      y = jax.lax.conv_general_dilated(
-          x, kernel, self.strides, [(kh // 2, kh // 2), (kw // 2, kw // 2)],
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      y = _conv(x, kernel, self.strides, padding)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,),
                          self.param_dtype).astype(self.dtype)
     return y
+
+
+_DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv(x, kernel, strides, padding, **kw):
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN, **kw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_canonical_grads(x, kernel, strides, padding):
+  """An NHWC convolution whose gradients are themselves plain NHWC/HWIO convolutions.
+
+  Inside a scanned (while-loop) body XLA:CPU leaves autodiff's gradient convolutions in
+  their transposed dimension orders and runs them on a slow generic path: the scanned
+  backward pass was 17× slower than the unrolled one. Spelling the gradients out with
+  canonical dimension orders, as XLA's layout passes do for unrolled code, gives the
+  same numbers at the unrolled speed (tests compare both against autodiff).
+  """
+  return _conv(x, kernel, strides, padding)
+
+
+def _conv_fwd(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  k = kernel.shape[:2]
+  # dx: a stride-1 conv of the stride-dilated dy with the flipped, io-swapped kernel.
+  pad_dx = []
+  for d in range(2):
+    before = k[d] - 1 - padding[d][0]
+    dilated = (dy.shape[1 + d] - 1) * strides[d] + 1
+    pad_dx.append((before, x.shape[1 + d] + k[d] - 1 - dilated - before))
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  dx = _conv(dy, flipped, (1, 1), pad_dx, lhs_dilation=strides)
+  # dW: channels-in as the batch, the batch as features, dy (dilated) as the kernel.
+  dw = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), padding,
+             rhs_dilation=strides)
+  return dx, dw[:, :k[0], :k[1], :].transpose(1, 2, 0, 3)
+
+
+conv_canonical_grads.defvjp(_conv_fwd, _conv_bwd)

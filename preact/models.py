@@ -40,12 +40,12 @@ class ResNet(nn.Module):
   bn_axis_name: str | None = None  # 'batch' for BN statistics across replicas
   bn_momentum: float = 0.9  # Torch's momentum 0.1 in Flax's convention
   bn_epsilon: float = 1e-5
-  matmul_1x1: bool = False
+  cpu_conv: bool = False  # XLA:CPU-friendly conv formulations (layers.Conv)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     layout = get_unit(self.unit, self.unit_args)[0].layout
-    conv = functools.partial(layers.Conv, dtype=self.dtype, matmul_1x1=self.matmul_1x1)
+    conv = functools.partial(layers.Conv, dtype=self.dtype, cpu=self.cpu_conv)
     norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=self.dtype,
                              axis_name=self.bn_axis_name)

@@ -1,9 +1,51 @@
-"""Test-session setup: 8 fake CPU devices for the parallelism tests.
+"""Test-session setup and shared fixtures.
 
-XLA reads the flag when the backend starts, so it is set before anything imports jax.
+8 fake CPU devices for the parallelism tests: XLA reads the flag when its backend
+starts, so it is set before anything imports jax.
 """
+import fcntl
 import os
+import pathlib
+import subprocess
+import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope='session')
+def fmnist_dir():
+  """A TFDS data_dir holding the real Fashion-MNIST, prepared once from Debian's files
+  (shared by xdist workers through a lock)."""
+  from preact import data
+  if not os.path.exists(os.path.join(data.DEBIAN_FASHION_MNIST, 'train-images-idx3-ubyte.gz')):
+    pytest.skip('dataset-fashion-mnist is not installed (launch/setup.sh installs it)')
+  root = pathlib.Path(os.environ.get('PREACT_TEST_DATA_DIR',
+                                     pathlib.Path.home() / 'tensorflow_datasets'))
+  root.mkdir(parents=True, exist_ok=True)
+  with open(root / '.preact-test.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    data.builder('fashion_mnist', str(root))
+  return str(root)
+
+
+def cli_env(devices: int = 1) -> dict:
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['PYTHONPATH'] = str(REPO)
+  return env
+
+
+def run_cli(tool: str, *args, devices: int = 1, check=False, timeout=600, **kw):
+  """Runs a preact console tool as a subprocess, the way a user does."""
+  cmd = [sys.executable, '-m', f'preact.cli.{tool}', *map(str, args)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(devices),
+                        timeout=timeout, cwd=REPO, **kw)
+  if check and proc.returncode:
+    raise AssertionError(f'{cmd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
+  return proc

@@ -137,7 +137,7 @@ def test_matmul_1x1_conv_is_the_same_math():
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 5))
   for stride in (1, 2):
     a = layers.Conv(7, (1, 1), (stride, stride))
-    b = layers.Conv(7, (1, 1), (stride, stride), matmul_1x1=True)
+    b = layers.Conv(7, (1, 1), (stride, stride), cpu=True)
     v = a.init(jax.random.key(0), x)
     with jax.default_matmul_precision('highest'):
       np.testing.assert_allclose(a.apply(v, x), b.apply(v, x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,67 @@
+"""Checkpoints: an orbax CheckpointManager over the training state, saved as plain
+nested dicts so any device count can restore them.
+
+Orbax writes each step into a temporary directory and renames it only once complete
+(commit_success.txt), so a process killed mid-save leaves nothing that a later
+restore would read; the manager ignores the unfinished directory.
+"""
+
+from __future__ import annotations
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import serialization
+
+from preact.errors import UserError
+
+
+class Checkpoints:
+  """Saves and restores {'state': train state, 'meta': JSON} under workdir/checkpoints."""
+
+  def __init__(self, workdir, keep: int = 3, asynchronous: bool = True):
+    self.directory = epath.Path(workdir) / 'checkpoints'
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=asynchronous))
+
+  def steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def latest(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, meta: dict):
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, state_like, step: int | None = None, sharding=None):
+    """Restores into the structure of ``state_like`` (arrays or ShapeDtypeStructs),
+    placed with ``sharding`` (default: that of ``state_like``'s leaves)."""
+    step = self.latest() if step is None else step
+    if step is None or step not in self.steps():
+      have = ', '.join(map(str, self.steps())) or 'none'
+      raise UserError(f'no checkpoint for step {step} in {self.directory} (have: {have})')
+    target = serialization.to_state_dict(state_like)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=sharding or getattr(x, 'sharding', None)),
+        target)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 — orbax/tensorstore raise many kinds
+      first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
+      raise UserError(f'checkpoint {self.directory / str(step)} cannot be restored '
+                      f'({first}); move that directory aside to resume from an earlier '
+                      'checkpoint, or train in a new --workdir') from None
+    return serialization.from_state_dict(state_like, restored.state), restored.meta
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

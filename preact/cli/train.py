@@ -1,0 +1,46 @@
+"""preact-train: train and evaluate one config in one workdir, resuming if it can.
+
+  preact-train --config=experiments/fashion_mnist.py --workdir=runs/fmnist
+  preact-train --config=experiments/table2.py:full_preact,depth=164 --workdir=gs://b/r \\
+      --config.batch_size=64
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from preact.cli import common
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where the run lives (local or gs://).')
+common.define_distributed_flags()
+
+
+@common.main('preact-train')
+def main(argv):
+  if len(argv) > 1:
+    raise common.UserError(f'unexpected arguments {" ".join(argv[1:])}')
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise common.UserError('--config and --workdir are required, e.g. '
+                           '--config=experiments/fashion_mnist.py --workdir=runs/fmnist')
+  common.init_distributed(_CONFIG.value.distributed)
+  from preact import train
+  outcome = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if outcome['test_error'] is not None:
+    print(f'step {outcome["step"]}: test error {100 * outcome["test_error"]:.2f}% '
+          f'({outcome["status"]})', flush=True)
+  if outcome['status'] == 'preempted':
+    logging.warning('preempted: %s', outcome['reason'])
+    sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
+
+
+def run():
+  common.run(main)
+
+
+if __name__ == '__main__':
+  run()

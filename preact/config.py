@@ -1,0 +1,175 @@
+"""The config schema: every key a run understands, with the paper's CIFAR recipe as
+defaults. Experiment files start from :func:`base` and override what they change, so a
+key that is not here is a typo and is rejected."""
+
+from __future__ import annotations
+
+import json
+
+import ml_collections
+
+from preact import units
+from preact.errors import UserError
+
+# Keys a resumed run may change: they affect bookkeeping, never the trajectory.
+RUNTIME_KEYS = frozenset({'checkpoint_every', 'eval_every', 'log_every', 'keep_checkpoints',
+                          'progress', 'data_dir', 'manual_dir', 'distributed',
+                          'eval_batch_size', 'prefetch'})
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.dataset = 'cifar10'        # cifar10 | cifar100 | fashion_mnist | imagenet2012
+  c.data_dir = ''              # TFDS data_dir ('' = TFDS's default); may be gs://
+  c.manual_dir = ''            # imagenet2012's manually downloaded archives
+  c.batch_size = 128           # global, over all devices and hosts
+  c.eval_batch_size = 500
+  c.total_steps = 64_000
+  c.seed = 0
+  c.checkpoint_every = 2_000
+  c.keep_checkpoints = 3
+  c.eval_every = 2_000
+  c.log_every = 100
+  c.progress = 'auto'          # auto | bar | log
+  c.prefetch = 2               # batches prepared ahead on a host thread
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = 'cifar'       # cifar | imagenet
+  c.model.unit = 'full_preact'
+  c.model.depth = 164
+  c.model.bottleneck = True
+  c.model.one_layer = False    # Table 3's "1-layer skip" units
+  # Shortcut parameters (paper Fig. 2); unset ones take the unit's defaults.
+  c.model.unit_args = ml_collections.ConfigDict(
+      {k: ml_collections.config_dict.placeholder(float)
+       for k in ('scale', 'branch_scale', 'bias', 'rate')})
+  c.model.zero_init_last = False
+  c.model.dtype = 'float32'    # computation dtype; parameters and BN statistics stay fp32
+  c.model.scan = True
+  c.model.remat = False
+  c.model.cpu_conv = 'auto'    # XLA:CPU conv formulations: auto (on for CPU) | on | off
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True          # fb.resnet.torch
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.decay = 'all'            # all (the authors' Torch code) | weights (kernels)
+  c.optimizer.schedule = 'step'        # step | cosine
+  c.optimizer.boundaries = (32_000, 48_000)
+  c.optimizer.decay_factor = 0.1
+  c.optimizer.warmup_steps = 0         # at warmup_lr, then lr (ResNet-110/1001 original)
+  c.optimizer.warmup_lr = 0.01
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop_padding = 4           # zero padding before the random crop; 0 = no crop
+  c.augment.flip = True
+  c.augment.imagenet = 'scale'         # ImageNet: scale | scale_aspect (see imagenet.py)
+  c.augment.scale_range = (256, 480)   # 'scale': shorter side drawn from this range
+  c.augment.area_range = (0.08, 1.0)   # 'scale_aspect': crop area fraction
+  c.augment.aspect_range = (3 / 4, 4 / 3)  # 'scale_aspect': crop aspect ratio
+  c.augment.image_size = 224           # ImageNet train crop
+  c.augment.eval_resize = 256          # ImageNet: shorter side before the center crop
+  c.augment.eval_crop = 224            # ImageNet: 224, or 320 for the paper's 320 test
+
+  c.parallelism = 'pmap'               # pmap | shard_map
+  c.bn_cross_replica = False           # False: BN statistics per replica, as on 2 GPUs
+  c.distributed = False                # jax.distributed.initialize() (multi-host)
+
+  c.paper = ml_collections.ConfigDict()  # what the paper reports for this setting
+  c.paper.table = ''
+  c.paper.row = ''
+  c.paper.error = -1.0                 # test error %, -1 = none; 'fail' rows use 100
+  return c
+
+
+_CHOICES = {
+    'dataset': ('cifar10', 'cifar100', 'fashion_mnist', 'imagenet2012'),
+    'progress': ('auto', 'bar', 'log'),
+    'model.arch': ('cifar', 'imagenet'),
+    'augment.imagenet': ('scale', 'scale_aspect'),
+    'model.unit': tuple(units.UNITS),
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'model.cpu_conv': ('auto', 'on', 'off'),
+    'optimizer.decay': ('all', 'weights'),
+    'optimizer.schedule': ('step', 'cosine'),
+    'parallelism': ('pmap', 'shard_map'),
+}
+
+
+def flatten(c, prefix='') -> dict:
+  out = {}
+  for k, v in c.items():
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
+  return out
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks keys and values; raises UserError with one line saying what to fix."""
+  known, got = flatten(base()), flatten(config)
+  for key in got:
+    if key not in known:
+      close = [k for k in known if k.split('.')[-1] == key.split('.')[-1]]
+      hint = f' (did you mean {close[0]}?)' if close else ''
+      raise UserError(f'unknown config key {key!r}{hint}')
+  for key in known:
+    if key not in got:
+      raise UserError(f'config lacks key {key!r}: start experiment configs from '
+                      'preact.config.base()')
+  for key, choices in _CHOICES.items():
+    if got[key] not in choices:
+      raise UserError(f'{key}={got[key]!r} is not one of: {", ".join(choices)}')
+  for key in ('batch_size', 'eval_batch_size', 'total_steps', 'checkpoint_every',
+              'eval_every', 'log_every', 'keep_checkpoints'):
+    if not isinstance(got[key], int) or got[key] < 1:
+      raise UserError(f'{key} must be a positive integer, got {got[key]!r}')
+  o = config.optimizer
+  if list(o.boundaries) != sorted(o.boundaries):
+    raise UserError(f'optimizer.boundaries must increase, got {tuple(o.boundaries)}')
+  try:
+    units.get_unit(config.model.unit, unit_args(config.model))
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  return config
+
+
+def unit_args(model: ml_collections.ConfigDict) -> dict:
+  return {k: v for k, v in model.unit_args.items() if v is not None}
+
+
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+  """A config saved as JSON (config.json) back into the schema; JSON lists become the
+  schema's tuples again."""
+  c = base()
+  for key, value in flatten(ml_collections.ConfigDict(d)).items():
+    *parents, leaf = key.split('.')
+    node = c
+    try:
+      for p in parents:
+        node = node[p]
+      if isinstance(node[leaf], tuple) and isinstance(value, list):
+        value = tuple(value)
+      node[leaf] = value
+    except (KeyError, TypeError) as e:
+      raise UserError(f'saved config has a bad key or value {key}={value!r} ({e})') from None
+  return c
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def differences(a: dict, b: dict) -> list[str]:
+  """'key: old → new' for every key whose value differs (JSON-normalized)."""
+  fa = flatten(ml_collections.ConfigDict(a))
+  fb = flatten(ml_collections.ConfigDict(b))
+  allowed = set(RUNTIME_KEYS)
+  if fa.get('optimizer.schedule') == fb.get('optimizer.schedule') == 'step':
+    allowed.add('total_steps')  # extending a step schedule leaves the steps so far alone
+  norm = lambda v: json.loads(json.dumps(v, default=list))
+  return [f'{k}: {norm(fa.get(k))!r} → {norm(fb.get(k))!r}'
+          for k in sorted(set(fa) | set(fb))
+          if k not in allowed and norm(fa.get(k)) != norm(fb.get(k))]

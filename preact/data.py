@@ -1,0 +1,260 @@
+"""Input pipelines: TFDS datasets, the paper's augmentation, deterministic order.
+
+Every batch is a pure function of (seed, step): the training stream is the
+concatenation of per-epoch permutations drawn from (seed, epoch), and the random crop
+and flip of batch t are drawn from (seed, t) for the whole global batch before each
+process takes its slice. A resumed run therefore sees exactly the batches an
+uninterrupted one would, on any number of devices or hosts.
+
+Small datasets (CIFAR, Fashion-MNIST) are held in host memory as uint8; ImageNet streams
+through tf.data from per-process file shards. Batches leave the host as uint8 and are
+normalized on the device (:func:`normalize`), which moves a quarter of the bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import os
+from typing import Iterator
+
+import numpy as np
+
+from preact.errors import UserError
+
+DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  num_classes: int
+  mean: tuple[float, ...] | None  # per channel, 0–255 scale; None: computed from train
+  std: tuple[float, ...] | None
+  streaming: bool = False         # too large for host memory: tf.data per-process shards
+  eval_split: str = 'test'
+
+
+DATASETS = {
+    # GUIDE.md §3 (fb.resnet.torch's CIFAR-10 constants).
+    'cifar10': Spec(10, (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
+    # fb.resnet.torch's CIFAR-100 constants.
+    'cifar100': Spec(100, (129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
+    'fashion_mnist': Spec(10, None, None),
+    'imagenet2012': Spec(1000, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375),
+                         streaming=True, eval_split='validation'),
+}
+
+
+def spec(name: str) -> Spec:
+  if name not in DATASETS:
+    raise UserError(f'unknown dataset {name!r}; valid datasets: {", ".join(DATASETS)}')
+  return DATASETS[name]
+
+
+# --------------------------------------------------------------------------------------
+# TFDS builders, including Fashion-MNIST from Debian's files.
+
+
+def _fashion_mnist_from_files_cls():
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.image_classification import mnist
+
+  class LocalFiles:
+    """A download manager stand-in that extracts local copies instead of downloading."""
+
+    def __init__(self, dl_manager):
+      self._dl = dl_manager
+
+    def download_and_extract(self, urls):
+      return self._dl.extract({k: os.path.join(self._dl.manual_dir, os.path.basename(u))
+                               for k, u in urls.items()})
+
+  class FashionMnistFromFiles(mnist.FashionMNIST, skip_registration=True):
+    """TFDS's own fashion_mnist builder, fed from local copies of the upstream files.
+
+    Debian recompressed the .gz files, so TFDS's registered checksums (which are of
+    the compressed files) do not match, while the decompressed images and labels are
+    upstream's. Extracting the local files skips the download and its checksum; the
+    result is the regular `fashion_mnist` dataset in data_dir, which TFDS's registered
+    builder then reads like any other.
+    """
+    name = 'fashion_mnist'
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f'The four .gz files of Fashion-MNIST, as in {DEBIAN_FASHION_MNIST}.'
+
+    def _split_generators(self, dl_manager):
+      return super()._split_generators(LocalFiles(dl_manager))
+
+  del tfds
+  return FashionMnistFromFiles
+
+
+def builder(name: str, data_dir: str = '', manual_dir: str = ''):
+  """A prepared TFDS builder; prepares it (offline where possible) when it is not."""
+  import tensorflow_datasets as tfds
+  data_dir = data_dir or None
+  try:
+    b = tfds.builder(name, data_dir=data_dir)
+    if b.is_prepared():
+      return b
+    source = manual_dir or DEBIAN_FASHION_MNIST
+    if name == 'fashion_mnist' and os.path.exists(os.path.join(source,
+                                                               'train-images-idx3-ubyte.gz')):
+      local = _fashion_mnist_from_files_cls()(data_dir=data_dir)
+      local.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=source))
+      return tfds.builder(name, data_dir=data_dir)
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+    b.download_and_prepare(download_config=config)
+    return b
+  except (PermissionError, OSError) as e:
+    raise UserError(f'cannot use TFDS data_dir {data_dir or "(default)"} for {name}: '
+                    f'{e.__class__.__name__}: {_first_line(e)}; pass a readable, writable '
+                    '--config.data_dir') from None
+  except Exception as e:  # noqa: BLE001 — download and prepare errors come in many types
+    hint = (' (apt-get install dataset-fashion-mnist gives the offline copy)'
+            if name == 'fashion_mnist' else
+            ' (imagenet2012 needs its archives in --config.manual_dir)'
+            if name == 'imagenet2012' else '')
+    raise UserError(f'{name} is not prepared in {data_dir or "TFDS default data_dir"} and '
+                    f'could not be prepared: {_first_line(e)}{hint}; run `tfds build {name}` '
+                    'where the network is reachable, or point --config.data_dir at a '
+                    'prepared copy') from None
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()
+  return text[0][:300] if text else e.__class__.__name__
+
+
+@functools.lru_cache(maxsize=8)
+def load_arrays(name: str, split: str, data_dir: str = '') -> tuple[np.ndarray, np.ndarray]:
+  """A whole split as (uint8 images NHWC, int32 labels), in TFDS's stored order."""
+  import tensorflow_datasets as tfds
+  b = builder(name, data_dir)
+  try:
+    chunks = list(tfds.as_numpy(b.as_dataset(split=split, shuffle_files=False).batch(10_000)))
+  except Exception as e:  # noqa: BLE001
+    raise UserError(f'cannot read split {split!r} of {name} in '
+                    f'{data_dir or "TFDS default data_dir"}: {_first_line(e)}') from None
+  if not chunks:
+    raise UserError(f'{name}/{split} in {data_dir or "TFDS default data_dir"} is empty; '
+                    're-prepare it in a fresh --config.data_dir')
+  images = np.concatenate([c['image'] for c in chunks]).astype(np.uint8)
+  labels = np.concatenate([c['label'] for c in chunks]).astype(np.int32)
+  if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
+    raise UserError(f'{name}/{split} has unexpected contents: images {images.shape}, '
+                    f'labels {labels.shape}; re-prepare it in a fresh --config.data_dir')
+  return images, labels
+
+
+def channel_stats(name: str, data_dir: str = '') -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std (0–255 scale): the paper's constants or computed."""
+  s = spec(name)
+  if s.mean is not None:
+    return np.asarray(s.mean, np.float32), np.asarray(s.std, np.float32)
+  images, _ = load_arrays(name, 'train', data_dir)
+  flat = images.reshape(-1, images.shape[-1]).astype(np.float64)
+  return flat.mean(0).astype(np.float32), flat.std(0).astype(np.float32)
+
+
+def normalize(images, mean, std, dtype):
+  """uint8 NHWC → (x − mean) / std in the computation dtype; runs on the device."""
+  return ((images.astype(np.float32) - mean) / std).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Deterministic order and augmentation for in-memory datasets.
+
+
+def example_indices(step: int, batch_size: int, num_examples: int, seed: int) -> np.ndarray:
+  """Indices of the global batch at ``step``: a slice of the endless stream made of
+  per-epoch permutations, each drawn from (seed, epoch)."""
+  parts, start, need = [], step * batch_size, batch_size
+  while need:
+    epoch, offset = divmod(start, num_examples)
+    part = _permutation(seed, epoch, num_examples)[offset:offset + need]
+    parts.append(part)
+    start, need = start + len(part), need - len(part)
+  return np.concatenate(parts)
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch, 0]).permutation(n)
+
+
+def draw_crop_flip(seed: int, step: int, batch_size: int, padding: int):
+  """Crop offsets and flip decisions for the whole global batch at ``step``, so that
+  they do not depend on how the batch is split across processes."""
+  rng = np.random.default_rng([seed, step, 1])
+  return rng.integers(0, 2 * padding + 1, size=(batch_size, 2)), rng.random(batch_size) < 0.5
+
+
+def crop_and_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
+                  padding: int, flip: bool) -> np.ndarray:
+  """The paper's CIFAR augmentation: zero-pad, crop the original size at ``offsets``,
+  flip horizontally where ``flips`` (drawn with p = 0.5)."""
+  n, h, w, _ = images.shape
+  if padding:
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    rows = offsets[:, :1] + np.arange(h)
+    cols = offsets[:, 1:] + np.arange(w)
+    images = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  if flip:
+    images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+  return images
+
+
+@dataclasses.dataclass
+class InMemory:
+  """A small dataset held in host memory; batches are pure functions of (seed, step)."""
+  name: str
+  batch_size: int          # global
+  seed: int
+  padding: int = 4
+  flip: bool = True
+  data_dir: str = ''
+  process_index: int = 0
+  process_count: int = 1
+
+  def __post_init__(self):
+    self.images, self.labels = load_arrays(self.name, 'train', self.data_dir)
+    if self.batch_size % self.process_count:
+      raise UserError(f'batch_size {self.batch_size} is not divisible by the '
+                      f'{self.process_count} processes')
+    self.local = self.batch_size // self.process_count
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.images)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's slice of the global batch at ``step``."""
+    lo = self.process_index * self.local
+    mine = slice(lo, lo + self.local)
+    idx = example_indices(step, self.batch_size, self.num_examples, self.seed)[mine]
+    offsets, flips = draw_crop_flip(self.seed, step, self.batch_size, self.padding)
+    images = crop_and_flip(self.images[idx], offsets[mine], flips[mine], self.padding,
+                           self.flip)
+    return {'image': images, 'label': self.labels[idx]}
+
+  def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    return (self.batch(t) for t in itertools.count(start_step))
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                 process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """Every example exactly once: global batches in order, the last one zero-padded with
+  mask 0; each process takes its slice of every global batch."""
+  n = len(images)
+  local = batch_size // process_count
+  for start in range(0, n, batch_size):
+    lo = start + process_index * local
+    hi = min(lo + local, n)
+    img, lab = images[lo:hi], labels[lo:hi]
+    pad = local - len(img)
+    yield {'image': np.concatenate([img, np.zeros((pad, *images.shape[1:]), images.dtype)]),
+           'label': np.concatenate([lab, np.zeros((pad,), labels.dtype)]),
+           'mask': np.concatenate([np.ones(len(img), np.float32), np.zeros(pad, np.float32)])}

@@ -1,0 +1,92 @@
+"""What a run writes for people: metrics.jsonl, TensorBoard events, progress."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax
+import logging
+from etils import epath
+
+logging = logging.getLogger('preact')  # absl's handler prints it; orbax's chatter stays off
+
+
+class Writer:
+  """Appends metric rows to workdir/metrics.jsonl and TensorBoard; process 0 only."""
+
+  def __init__(self, workdir, enabled: bool = True):
+    self.enabled = enabled
+    self.path = epath.Path(workdir) / 'metrics.jsonl'
+    self._tb = None
+    if enabled:
+      from flax.metrics import tensorboard
+      self._tb = tensorboard.SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
+
+  def write(self, row: dict):
+    if not self.enabled:
+      return
+    row = {k: (float(v) if k != 'step' else int(v)) for k, v in row.items()}
+    with self.path.open('a') as f:
+      f.write(json.dumps(row) + '\n')
+    for k, v in row.items():
+      if k != 'step':
+        self._tb.scalar(k, v, row['step'])
+    self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_jsonl(path) -> list[dict]:
+  path = epath.Path(path)
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    line = line.strip()
+    if line:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue  # a line cut short by a kill; the rest stand
+  return rows
+
+
+class Progress:
+  """A bar with ETA on a terminal, a log line every ``every`` steps elsewhere."""
+
+  def __init__(self, mode: str, start: int, total: int, every: int):
+    bar = mode == 'bar' or (mode == 'auto' and sys.stderr.isatty())
+    self.every, self.total = every, total
+    self._bar = None
+    if bar and jax.process_index() == 0:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
+    self._t0, self._s0 = time.time(), start
+
+  def update(self, step: int, metrics: dict | None = None):
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      if metrics:
+        self._bar.set_postfix({k: f'{v:.4g}' for k, v in metrics.items()}, refresh=False)
+    elif metrics is not None and jax.process_index() == 0:
+      rate = (step - self._s0) / max(time.time() - self._t0, 1e-9)
+      eta = (self.total - step) / rate if rate > 0 else float('inf')
+      text = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
+      logging.info('step %d/%d %s (%.2f steps/s, ETA %s)', step, self.total, text, rate,
+                   _hms(eta))
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _hms(seconds: float) -> str:
+  if seconds == float('inf'):
+    return '?'
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f'{h}:{m:02d}:{s:02d}'

@@ -1,0 +1,381 @@
+"""Training and evaluation with the paper's recipe, as an importable library.
+
+``train_and_evaluate(config, workdir)`` is the whole run: it resumes from the latest
+checkpoint in workdir, trains to ``config.total_steps``, evaluates and checkpoints
+along the way, and returns the run's outcome. The step itself is one per-replica
+function (:func:`make_train_step`) mapped over devices by :mod:`preact.parallel`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import queue
+import signal
+import threading
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import logging
+from etils import epath
+
+from preact import checkpoint, config as config_lib, data, logs, models, parallel
+from preact.errors import UserError
+
+logging = logging.getLogger('preact')  # absl's handler prints it; orbax's chatter stays off
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+# --------------------------------------------------------------------------------------
+# Model and recipe from a config.
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
+  m = config.model
+  cpu_conv = {'on': True, 'off': False}.get(m.cpu_conv, jax.default_backend() == 'cpu')
+  kwargs = dict(unit_args=config_lib.unit_args(m) or None, zero_init_last=m.zero_init_last,
+                dtype=jnp.dtype(m.dtype), scan=m.scan, remat=m.remat,
+                bn_axis_name=parallel.AXIS if config.bn_cross_replica else None,
+                cpu_conv=cpu_conv)
+  try:
+    if m.arch == 'imagenet':
+      return models.imagenet_resnet(m.depth, m.unit, num_classes=num_classes, **kwargs)
+    return models.cifar_resnet(m.depth, m.unit, bottleneck=m.bottleneck,
+                               one_layer=m.one_layer, num_classes=num_classes, **kwargs)
+  except ValueError as e:
+    raise UserError(f'model: {e}') from None
+
+
+def make_schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Step: lr ÷10 at each boundary (32k, 48k), after an optional warm-up at warmup_lr
+  (the paper's 0.01 for ~400 iterations); or a cosine decay to zero."""
+  if o.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(o.lr, max(total_steps - o.warmup_steps, 1))
+  else:
+    main = optax.piecewise_constant_schedule(
+        o.lr, {b - o.warmup_steps: o.decay_factor for b in o.boundaries})
+  if not o.warmup_steps:
+    return main
+  return optax.join_schedules([optax.constant_schedule(o.warmup_lr), main],
+                              [o.warmup_steps])
+
+
+def make_optimizer(o: ml_collections.ConfigDict, total_steps: int):
+  """SGD with momentum and L2 weight decay added to the gradient, as Torch's SGD does.
+
+  The authors' code decays every parameter (BN γ, β and biases too); 'weights' decays
+  only conv and dense kernels, the common modern choice."""
+  mask = None
+  if o.decay == 'weights':
+    mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: path[-1].key == 'kernel', params)
+  return optax.chain(
+      optax.add_decayed_weights(o.weight_decay, mask),
+      optax.sgd(make_schedule(o, total_steps), momentum=o.momentum, nesterov=o.nesterov))
+
+
+# --------------------------------------------------------------------------------------
+# The per-replica steps.
+
+
+def init_state(model, tx, seed: int, image_shape, sharding=None) -> TrainState:
+  def init():
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = model.init(jax.random.key(seed), x, train=False)
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+  return jax.jit(init, out_shardings=sharding)()
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def make_train_step(model, tx, mean, std, seed: int):
+  """(state, batch) → (state, metrics) on one replica; reduces over axis 'batch'."""
+  mean, std = np.asarray(mean), np.asarray(std)
+
+  def step(state: TrainState, batch):
+    x = data.normalize(batch['image'], mean, std, model.dtype)
+    # Dropout masks differ per step and per replica, and repeat on resume.
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step),
+                             jax.lax.axis_index(parallel.AXIS))
+
+    def loss_fn(params):
+      logits, new = model.apply({'params': params, 'batch_stats': state.batch_stats}, x,
+                                train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+      return cross_entropy(logits, batch['label']).mean(), (logits, new['batch_stats'])
+
+    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, parallel.AXIS)
+    # Statistics are computed per replica (unless BN is cross-replica); their running
+    # averages are averaged so that every replica holds the same state.
+    stats = jax.lax.pmean(stats, parallel.AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       batch_stats=stats, opt_state=opt_state)
+    error = jnp.mean(jnp.argmax(logits, -1) != batch['label'])
+    metrics = jax.lax.pmean({'train_loss': loss, 'train_error': error}, parallel.AXIS)
+    return state, metrics
+
+  return step
+
+
+def make_eval_step(model, mean, std):
+  """(state, batch with mask) → summed loss, errors and count over all replicas."""
+  mean, std = np.asarray(mean), np.asarray(std)
+
+  def step(state: TrainState, batch):
+    x = data.normalize(batch['image'], mean, std, model.dtype)
+    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
+                         train=False)
+    m = batch['mask']
+    sums = {'loss': jnp.sum(cross_entropy(logits, batch['label']) * m),
+            'errors': jnp.sum((jnp.argmax(logits, -1) != batch['label']) * m),
+            'examples': jnp.sum(m)}
+    return jax.lax.psum(sums, parallel.AXIS)
+
+  return step
+
+
+# --------------------------------------------------------------------------------------
+# A run: everything a config and a workdir determine.
+
+
+class Run:
+  """The model, data, mapped steps and checkpoints of one config in one workdir."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir, for_eval: bool = False,
+               devices=None):
+    self.config = config_lib.validate(config)
+    self.workdir = epath.Path(workdir)
+    self.spec = data.spec(config.dataset)
+    self.replicas = parallel.Replicas(config.parallelism, devices)
+    self.replicas.check_batch('batch_size', config.batch_size)
+    self.replicas.check_batch('eval_batch_size', config.eval_batch_size)
+    if self.spec.streaming:
+      from preact import imagenet
+      self.train_data = imagenet.Streaming(config, jax.process_index(), jax.process_count())
+    else:
+      self.train_data = None if for_eval else data.InMemory(
+          config.dataset, config.batch_size, config.seed, config.augment.crop_padding,
+          config.augment.flip, config.data_dir, jax.process_index(), jax.process_count())
+    self.mean, self.std = data.channel_stats(config.dataset, config.data_dir)
+    self.image_shape = self._image_shape()
+    self.model = build_model(config, self.spec.num_classes)
+    self.tx = make_optimizer(config.optimizer, config.total_steps)
+    self.schedule = make_schedule(config.optimizer, config.total_steps)
+    self.train_step = self.replicas.map(
+        make_train_step(self.model, self.tx, self.mean, self.std, config.seed))
+    self.eval_step = self.replicas.map(make_eval_step(self.model, self.mean, self.std),
+                                       donate_state=False)
+
+  def _image_shape(self):
+    if self.spec.streaming:
+      return (self.config.augment.image_size,) * 2 + (3,)
+    return data.load_arrays(self.config.dataset, 'train', self.config.data_dir)[0].shape[1:]
+
+  def init_state(self) -> TrainState:
+    return init_state(self.model, self.tx, self.config.seed, self.image_shape,
+                      self.replicas.replicated)
+
+  def abstract_state(self) -> TrainState:
+    return jax.eval_shape(lambda: init_state(self.model, self.tx, self.config.seed,
+                                             self.image_shape))
+
+  def evaluate(self, state: TrainState, split: str | None = None) -> dict:
+    """Loss and error over every example of the split, each counted exactly once."""
+    split = split or self.spec.eval_split
+    if self.spec.streaming:
+      from preact import imagenet
+      batches = imagenet.eval_batches(self.config, split, jax.process_index(),
+                                      jax.process_count())
+    else:
+      images, labels = data.load_arrays(self.config.dataset, split, self.config.data_dir)
+      batches = data.eval_batches(images, labels, self.config.eval_batch_size,
+                                  jax.process_index(), jax.process_count())
+    totals = None
+    for batch in batches:
+      sums = self.eval_step(state, self.replicas.put_batch(batch))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    n = float(totals['examples'])
+    return {'loss': float(totals['loss']) / n, 'error': float(totals['errors']) / n,
+            'accuracy': 1.0 - float(totals['errors']) / n, 'examples': int(n)}
+
+
+def _check_workdir_config(workdir: epath.Path, config) -> None:
+  path = workdir / 'config.json'
+  if not path.exists():
+    return
+  try:
+    old = json.loads(path.read_text())
+  except json.JSONDecodeError:
+    raise UserError(f'{path} is not valid JSON; restore it or use a new --workdir') from None
+  diff = config_lib.differences(old, config.to_dict())
+  if diff:
+    raise UserError(f'{workdir} holds a different run (config {"; ".join(diff[:3])}); '
+                    'use a new --workdir or pass that run\'s config')
+
+
+class _Prefetch:
+  """Prepares batches on a host thread, ``depth`` steps ahead of the device."""
+
+  def __init__(self, run: Run, start: int, stop: int, depth: int):
+    self._q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    self._stop = threading.Event()
+    source = run.train_data.batches(start)
+
+    def work():
+      try:
+        for _ in range(start, stop):
+          if self._stop.is_set():
+            return
+          self._q.put(run.replicas.put_batch(next(source)))
+      except BaseException as e:  # noqa: BLE001 — re-raised in the consumer
+        self._q.put(e)
+
+    self._thread = threading.Thread(target=work, daemon=True)
+    self._thread.start()
+
+  def __next__(self):
+    item = self._q.get()
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self):
+    self._stop.set()
+    while not self._q.empty():
+      self._q.get_nowait()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
+  """Trains (resuming if workdir has checkpoints) and returns the outcome:
+  {'status': completed | diverged | preempted, 'step', 'reason', 'test_error'}.
+
+  ``devices`` defaults to every device of every process."""
+  workdir = epath.Path(workdir)
+  config = config_lib.validate(config)
+  lead = jax.process_index() == 0
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create workdir {workdir}: {e}') from None
+  _check_workdir_config(workdir, config)
+  run = Run(config, workdir, devices=devices)
+  if lead:
+    (workdir / 'config.json').write_text(config_lib.to_json(config))
+
+  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
+  state = run.init_state()
+  if ckpts.latest() is not None:
+    state, _ = ckpts.restore(state)
+    logging.info('resumed from step %d in %s', int(state.step), workdir)
+  start = int(state.step)
+  writer = logs.Writer(workdir, enabled=lead)
+  total = config.total_steps
+
+  preempted = threading.Event()
+  previous = None
+  if threading.current_thread() is threading.main_thread():
+    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
+
+  outcome = {'status': 'completed', 'step': start, 'reason': '', 'test_error': None}
+  batches = _Prefetch(run, start, total, config.prefetch) if start < total else None
+  progress = logs.Progress(config.progress, start, total, config.log_every)
+  pending, t_log, s_log, step = [], time.time(), start, start
+  try:
+    while step < total:
+      state, metrics = run.train_step(state, next(batches))
+      step += 1
+      pending.append(metrics)
+      row = {}
+      if step % config.log_every == 0 or step == total:
+        fetched = jax.device_get(pending)
+        row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        now = time.time()
+        row['images_per_s'] = (step - s_log) * config.batch_size / max(now - t_log, 1e-9)
+        row['lr'] = float(run.schedule(step - 1))
+        pending, t_log, s_log = [], now, step
+        if not all(np.isfinite(m['train_loss']) for m in fetched):
+          bad = next(i for i, m in enumerate(fetched) if not np.isfinite(m['train_loss']))
+          at = step - len(fetched) + bad + 1
+          outcome.update(status='diverged', step=at,
+                         reason=f'train loss became {fetched[bad]["train_loss"]} at step {at}')
+          writer.write({'step': at, 'train_loss': fetched[bad]['train_loss']})
+          logging.warning('diverged: %s', outcome['reason'])
+          break
+      if step % config.eval_every == 0 or step == total:
+        ev = run.evaluate(state)
+        row.update(test_loss=ev['loss'], test_error=ev['error'])
+        outcome['test_error'] = ev['error']
+        t_log = time.time()  # images/s counts training time only
+      if row:
+        writer.write({'step': step, **row})
+        progress.update(step, {k: v for k, v in row.items()
+                               if k in ('train_loss', 'train_error', 'test_error')})
+      else:
+        progress.update(step)
+      if step % config.checkpoint_every == 0 or step == total or preempted.is_set():
+        ckpts.save(step, state, {'step': step, 'dataset': config.dataset})
+      if preempted.is_set():
+        outcome.update(status='preempted', reason=f'SIGTERM; checkpoint saved at step {step}')
+        break
+    outcome['step'] = step if outcome['status'] != 'diverged' else outcome['step']
+  finally:
+    progress.close()
+    if batches is not None:
+      batches.close()
+    ckpts.close()
+    writer.close()
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+  if lead:
+    (workdir / 'outcome.json').write_text(json.dumps(outcome, indent=2))
+  logging.info('outcome: %s', outcome)
+  return outcome
+
+
+def evaluate_checkpoint(workdir, step: int | None = None, split: str | None = None,
+                        devices=None) -> dict:
+  """Restores a run's checkpoint with the run's own config and evaluates a whole split;
+  appends the result to workdir/eval.jsonl and returns it."""
+  workdir = epath.Path(workdir)
+  path = workdir / 'config.json'
+  if not path.exists():
+    raise UserError(f'{workdir} holds no run (no config.json); pass the --workdir of a '
+                    'preact-train run')
+  try:
+    config = config_lib.from_dict(json.loads(path.read_text()))
+  except json.JSONDecodeError:
+    raise UserError(f'{path} is not valid JSON; restore it from a backup') from None
+  run = Run(config, workdir, for_eval=True, devices=devices)
+  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints, asynchronous=False)
+  try:
+    if ckpts.latest() is None:
+      raise UserError(f'no checkpoint in {workdir / "checkpoints"}; train first, or pass '
+                      'the --workdir of a run that saved one')
+    state, _ = ckpts.restore(run.abstract_state(), step, sharding=run.replicas.replicated)
+  finally:
+    ckpts.close()
+  split = split or run.spec.eval_split
+  result = {'step': int(state.step), 'split': split, **run.evaluate(state, split)}
+  if jax.process_index() == 0:
+    with (workdir / 'eval.jsonl').open('a') as f:
+      f.write(json.dumps(result) + '\n')
+  return result

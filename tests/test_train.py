@@ -1,0 +1,239 @@
+"""Training library: the recipe (schedule, SGD as Torch does it), pmap vs shard_map,
+cross-replica BN vs one device, checkpoints across device counts, exactly-once eval,
+divergence as an outcome, and bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from preact import checkpoint, config as config_lib, train
+from preact.errors import UserError
+
+
+def tiny_config(**overrides):
+  c = config_lib.base()
+  c.dataset = 'cifar10'
+  c.model.depth, c.model.bottleneck = 8, False
+  c.batch_size, c.eval_batch_size = 16, 16
+  c.total_steps = 3
+  c.checkpoint_every = c.eval_every = c.log_every = 1000
+  c.optimizer.schedule = 'cosine'
+  c.progress = 'log'
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def params_of(workdir):
+  """The saved state of a run's latest checkpoint, as numpy arrays."""
+  ck = checkpoint.Checkpoints(workdir, asynchronous=False)
+  import orbax.checkpoint as ocp
+  restored = ck.manager.restore(ck.latest(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  ck.close()
+  return jax.tree.map(np.asarray, restored.state)
+
+
+# --------------------------------------------------------------------------------------
+# The recipe.
+
+def test_step_schedule_with_warmup_matches_the_paper():
+  o = config_lib.base().optimizer
+  o.warmup_steps = 400
+  s = train.make_schedule(o, 64_000)
+  assert float(s(0)) == pytest.approx(0.01) and float(s(399)) == pytest.approx(0.01)
+  assert float(s(400)) == pytest.approx(0.1) and float(s(31_999)) == pytest.approx(0.1)
+  assert float(s(32_000)) == pytest.approx(0.01) and float(s(47_999)) == pytest.approx(0.01)
+  assert float(s(48_000)) == pytest.approx(0.001) and float(s(63_999)) == pytest.approx(0.001)
+  o.warmup_steps = 0
+  s = train.make_schedule(o, 64_000)
+  assert float(s(0)) == pytest.approx(0.1) and float(s(32_000)) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize('decay,nesterov', [('all', True), ('weights', False)])
+def test_sgd_matches_torch_sgd_with_coupled_weight_decay(decay, nesterov):
+  o = config_lib.base().optimizer
+  o.decay, o.nesterov, o.schedule = decay, nesterov, 'step'
+  tx = train.make_optimizer(o, 100)
+  params = {'conv': {'kernel': jnp.array([1.0, -2.0])}, 'bn': {'scale': jnp.array([0.5])}}
+  grads = [{'conv': {'kernel': jnp.array([0.3, 0.1])}, 'bn': {'scale': jnp.array([-0.2])}},
+           {'conv': {'kernel': jnp.array([-0.1, 0.4])}, 'bn': {'scale': jnp.array([0.05])}}]
+  state = tx.init(params)
+  p = params
+  for g in grads:
+    updates, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, updates)
+  # Torch: d = g + wd·θ; v = μ·v + d; step = d + μ·v (Nesterov) or v; θ -= lr·step.
+  want = jax.tree.map(np.asarray, params)
+  v = jax.tree.map(np.zeros_like, want)
+  for g in grads:
+    for group, key in (('conv', 'kernel'), ('bn', 'scale')):
+      wd = 1e-4 if (decay == 'all' or key == 'kernel') else 0.0
+      d = np.asarray(g[group][key]) + wd * want[group][key]
+      v[group][key] = 0.9 * v[group][key] + d
+      step = d + 0.9 * v[group][key] if nesterov else v[group][key]
+      want[group][key] = want[group][key] - 0.1 * step
+  for group, key in (('conv', 'kernel'), ('bn', 'scale')):
+    np.testing.assert_allclose(p[group][key], want[group][key], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Parallelism.
+
+def _train(config, workdir, devices=None):
+  with tfds.testing.mock_data(num_examples=48):
+    return train.train_and_evaluate(config, workdir, devices=devices)
+
+
+def test_pmap_and_shard_map_agree_after_three_steps(tmp_path):
+  assert jax.device_count() == 8
+  out = {}
+  for kind in ('pmap', 'shard_map'):
+    _train(tiny_config(parallelism=kind), tmp_path / kind)
+    out[kind] = params_of(tmp_path / kind)
+    rows = [json.loads(l) for l in (tmp_path / kind / 'metrics.jsonl').read_text().splitlines()]
+    out[kind + '_loss'] = rows[-1]['train_loss']
+  assert int(out['pmap']['step']) == 3
+  assert out['pmap_loss'] == pytest.approx(out['shard_map_loss'], rel=1e-6)
+  for a, b in zip(jax.tree.leaves(out['pmap']), jax.tree.leaves(out['shard_map'])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_replica_bn_on_8_devices_equals_one_device(tmp_path):
+  c = tiny_config(bn_cross_replica=True)
+  _train(c, tmp_path / 'eight')
+  _train(c, tmp_path / 'one', devices=jax.devices()[:1])
+  a, b = params_of(tmp_path / 'eight'), params_of(tmp_path / 'one')
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  # Per-replica statistics (the paper's 2-GPU setting) are a different computation.
+  _train(tiny_config(), tmp_path / 'per_replica')
+  c_ = params_of(tmp_path / 'per_replica')
+  assert not all(np.allclose(x, y, rtol=1e-4, atol=1e-5)
+                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c_)))
+
+
+def test_checkpoint_from_8_devices_restores_and_resumes_on_1(tmp_path):
+  c = tiny_config(total_steps=2, **{'optimizer.schedule': 'step'})  # extensible
+  _train(c, tmp_path)
+  saved = params_of(tmp_path)
+  with tfds.testing.mock_data(num_examples=48):
+    result = train.evaluate_checkpoint(tmp_path, devices=jax.devices()[:1])
+    assert result['step'] == 2 and result['examples'] == 48
+    c.total_steps = 4
+    out = train.train_and_evaluate(c, tmp_path, devices=jax.devices()[:1])
+  assert out['step'] == 4 and out['status'] == 'completed'
+  resumed = params_of(tmp_path)
+  assert int(resumed['step']) == 4
+  assert not np.array_equal(saved['params']['classifier']['kernel'],
+                            resumed['params']['classifier']['kernel'])
+
+
+def test_evaluation_counts_every_test_example_once(tmp_path):
+  c = tiny_config(total_steps=1, eval_batch_size=32)  # 48 = 32 + 16 padded
+  with tfds.testing.mock_data(num_examples=48):
+    run = train.Run(c, tmp_path)
+    state = run.init_state()
+    result = run.evaluate(state)
+    assert result['examples'] == 48
+    # Against a plain single-device evaluation of the same weights.
+    from preact import data
+    images, labels = data.load_arrays('cifar10', 'test')
+  x = data.normalize(images, run.mean, run.std, jnp.float32)
+  logits = run.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
+                           train=False)
+  want_loss = float(train.cross_entropy(logits, labels).mean())
+  want_error = float(np.mean(np.argmax(logits, -1) != labels))
+  assert result['loss'] == pytest.approx(want_loss, rel=1e-5)
+  assert result['error'] == pytest.approx(want_error)
+
+
+def test_divergence_is_recorded_as_the_outcome(tmp_path):
+  c = tiny_config(total_steps=8, log_every=2)
+  c.optimizer.lr = 1e30  # the first update overflows every parameter
+  c.optimizer.schedule = 'step'
+  out = _train(c, tmp_path)
+  assert out['status'] == 'diverged' and 'train loss became' in out['reason']
+  saved = json.loads((tmp_path / 'outcome.json').read_text())
+  assert saved['status'] == 'diverged' and saved['step'] == out['step'] <= 8
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert not np.isfinite(rows[-1]['train_loss'])
+
+
+def test_bf16_computation_keeps_fp32_parameters(tmp_path):
+  c = tiny_config(total_steps=1)
+  c.model.dtype = 'bfloat16'
+  with tfds.testing.mock_data(num_examples=48):
+    run = train.Run(c, tmp_path)
+    state = run.init_state()
+    new, metrics = run.train_step(state, run.replicas.put_batch(run.train_data.batch(0)))
+  assert {a.dtype for a in jax.tree.leaves(new.params)} == {jnp.dtype('float32')}
+  assert {a.dtype for a in jax.tree.leaves(new.batch_stats)} == {jnp.dtype('float32')}
+  assert np.isfinite(float(metrics['train_loss']))
+
+
+# --------------------------------------------------------------------------------------
+# Bad input: one clear UserError, nothing overwritten.
+
+@pytest.mark.parametrize('overrides,match', [
+    ({'dataset': 'mnist'}, "dataset='mnist' is not one of"),
+    ({'model.unit': 'preact'}, "model.unit='preact' is not one of"),
+    ({'model.depth': 100}, r'depth 100 does not fit basic units: need 6n\+2'),
+    ({'batch_size': 12}, 'batch_size 12 is not divisible by the 8 devices'),
+    ({'model.unit': 'dropout_shortcut', 'model.unit_args.rate': 1.0}, r'\[0, 1\)'),
+    ({'model.unit_args.bias': -3.0}, "unit 'full_preact' has no argument"),
+])
+def test_bad_configs_are_user_errors(tmp_path, overrides, match):
+  with pytest.raises(UserError, match=match):
+    _train(tiny_config(**overrides), tmp_path)
+
+
+def test_unknown_config_key_is_a_user_error(tmp_path):
+  c = tiny_config()
+  c.model.deepth = 20
+  with pytest.raises(UserError, match=r"unknown config key 'model.deepth'"):
+    train.train_and_evaluate(c, tmp_path)
+
+
+def test_workdir_of_another_run_is_refused_and_left_alone(tmp_path):
+  _train(tiny_config(total_steps=1), tmp_path)
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+  with pytest.raises(UserError, match=r'holds a different run \(config model.depth: 8 → 14'):
+    _train(tiny_config(**{'model.depth': 14}), tmp_path)
+  assert before == {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+  # Bookkeeping keys may change on resume.
+  _train(tiny_config(total_steps=1, log_every=7), tmp_path)
+
+
+def test_missing_and_corrupt_checkpoints_are_user_errors(tmp_path):
+  with pytest.raises(UserError, match='holds no run'):
+    train.evaluate_checkpoint(tmp_path / 'nothing')
+  _train(tiny_config(total_steps=2), tmp_path)
+  with tfds.testing.mock_data(num_examples=48):
+    with pytest.raises(UserError, match='no checkpoint for step 7'):
+      train.evaluate_checkpoint(tmp_path, step=7)
+  # Damage the saved arrays: restore must say so, not return garbage.
+  for f in (tmp_path / 'checkpoints' / '2' / 'state').rglob('*'):
+    if f.is_file() and f.stat().st_size > 1000:
+      f.write_bytes(b'\0' * 16)
+  with tfds.testing.mock_data(num_examples=48):
+    with pytest.raises(UserError, match='cannot be restored'):
+      train.evaluate_checkpoint(tmp_path)
+    with pytest.raises(UserError, match='cannot be restored'):
+      train.train_and_evaluate(tiny_config(total_steps=2), tmp_path)
+
+
+def test_unreadable_data_dir_is_a_user_error(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  with pytest.raises(UserError, match='data_dir'):
+    train.train_and_evaluate(tiny_config(data_dir=str(blocker / 'tfds')), tmp_path / 'w')
