@@ -9,6 +9,7 @@ restore would read; the manager ignores the unfinished directory.
 from __future__ import annotations
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
@@ -24,7 +25,9 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=asynchronous))
+                                             enable_async_checkpointing=asynchronous),
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
     return list(self.manager.all_steps())
@@ -58,6 +61,18 @@ class Checkpoints:
                       f'({first}); move that directory aside to resume from an earlier '
                       'checkpoint, or train in a new --workdir') from None
     return serialization.from_state_dict(state_like, restored.state), restored.meta
+
+  def restore_arrays(self, step: int | None = None) -> dict:
+    """The saved state as nested dicts of numpy arrays, whatever topology saved it."""
+    step = self.latest() if step is None else step
+    if step is None:
+      raise UserError(f'no checkpoint in {self.directory}')
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                            self.manager.item_metadata(step)['state'])
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    return jax.tree.map(np.asarray, restored.state)
 
   def wait(self):
     self.manager.wait_until_finished()

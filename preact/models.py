@@ -85,7 +85,7 @@ class ResNet(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=layers.torch_linear_init,
                  name='classifier')(x)
-    return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(self.dtype, jnp.float32))  # fp32 logits from bf16
 
 
 # --------------------------------------------------------------------------------------
@@ -120,9 +120,17 @@ def cifar_resnet(depth: int, unit: str = 'full_preact', bottleneck: bool = False
                      + hint)
   n = (depth - 2) // per_unit
   widths = (64, 128, 256) if branch == 'bottleneck' else (16, 32, 64)
-  get_unit(unit, kwargs.get('unit_args'))
+  _check_unit_args(unit, kwargs)
   return ResNet(unit=unit, stage_sizes=(n, n, n), widths=widths, strides=(1, 2, 2),
                 branch=branch, stem='cifar', stem_width=16, num_classes=num_classes, **kwargs)
+
+
+def _check_unit_args(unit: str, kwargs: dict):
+  """Validates the unit and freezes its arguments into sorted pairs, so that the
+  module stays hashable (jit takes models as static arguments)."""
+  get_unit(unit, kwargs.get('unit_args'))
+  if kwargs.get('unit_args'):
+    kwargs['unit_args'] = tuple(sorted(dict(kwargs['unit_args']).items()))
 
 
 IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
@@ -137,7 +145,7 @@ def imagenet_resnet(depth: int, unit: str = 'full_preact', num_classes: int = 10
                      f'{", ".join(map(str, IMAGENET_STAGES))}')
   bottleneck = depth >= 50
   widths = (256, 512, 1024, 2048) if bottleneck else (64, 128, 256, 512)
-  get_unit(unit, kwargs.get('unit_args'))
+  _check_unit_args(unit, kwargs)
   return ResNet(unit=unit, stage_sizes=IMAGENET_STAGES[depth], widths=widths,
                 strides=(1, 2, 2, 2), branch='bottleneck' if bottleneck else 'basic',
                 stem='imagenet', stem_width=64, num_classes=num_classes, **kwargs)
@@ -145,6 +153,12 @@ def imagenet_resnet(depth: int, unit: str = 'full_preact', num_classes: int = 10
 
 # --------------------------------------------------------------------------------------
 # Inspection helpers.
+
+
+def init_key(seed: int) -> jax.Array:
+  """The key models are initialized from. XLA's RngBitGenerator compiles the init of a
+  deep net 2–3× faster than threefry; its streams may differ between backends."""
+  return jax.random.key(seed, impl='rbg')
 
 
 def init_shapes(model: ResNet, image_shape: Sequence[int]) -> dict:
@@ -225,11 +239,12 @@ def scan_tree(tree: dict) -> dict:
   return out
 
 
-def unit_inputs(tree: dict) -> list[tuple[int, jax.Array]]:
-  """Per-unit arrays (x_l, or ∂L/∂x_l) in network order as (stage index, array).
+def unit_blocks(tree: dict) -> dict[int, list[jax.Array]]:
+  """Per-unit arrays (x_l, or ∂L/∂x_l) of each stage, in network order, as blocks with a
+  leading unit axis: a stage's scanned units stay one stacked block.
 
   Accepts an 'intermediates' or 'perturbations' collection of either layout."""
-  out = []
+  out: dict[int, list] = {}
   for name in sorted(tree, key=_unit_order):
     m = re.match(r'^stage(\d+)_(unit\d+|rest)$', name)
     if not m:
@@ -237,12 +252,15 @@ def unit_inputs(tree: dict) -> list[tuple[int, jax.Array]]:
     value = tree[name]['x']
     if isinstance(value, tuple):  # sown values come as a tuple of calls
       value = value[0]
-    stage = int(m.group(1)) - 1
-    if m.group(2) == 'rest':
-      out.extend((stage, value[j]) for j in range(value.shape[0]))
-    else:
-      out.append((stage, value))
+    out.setdefault(int(m.group(1)) - 1, []).append(value if m.group(2) == 'rest'
+                                                   else value[None])
   return out
+
+
+def unit_inputs(tree: dict) -> list[tuple[int, jax.Array]]:
+  """Per-unit arrays in network order as (stage index, array)."""
+  return [(s, block[i]) for s, blocks in unit_blocks(tree).items()
+          for block in blocks for i in range(block.shape[0])]
 
 
 def _unit_order(name: str):

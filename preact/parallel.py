@@ -53,6 +53,25 @@ class Replicas:
       return jax.make_array_from_process_local_data(self.sharded, x)
     return jax.tree.map(put, local)
 
+  # With several processes, pmap's unmapped outputs are host-local arrays, which orbax
+  # cannot save; saving goes through a global copy, and steps take host-local state.
+  @property
+  def _host_local(self) -> bool:
+    return self.kind == 'pmap' and jax.process_count() > 1
+
+  def for_step(self, tree):
+    """A state as the mapped step takes it."""
+    if not self._host_local:
+      return tree
+    return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+  def for_save(self, tree):
+    """A state as orbax saves it: global, replicated arrays."""
+    if not self._host_local:
+      return tree
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), tree)
+
   def check_batch(self, name: str, size: int):
     from preact.errors import UserError
     if size % self.count:

@@ -94,7 +94,7 @@ def make_optimizer(o: ml_collections.ConfigDict, total_steps: int):
 def init_state(model, tx, seed: int, image_shape, sharding=None) -> TrainState:
   def init():
     x = jnp.zeros((1, *image_shape), jnp.float32)
-    variables = model.init(jax.random.key(seed), x, train=False)
+    variables = model.init(models.init_key(seed), x, train=False)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
@@ -286,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
   if ckpts.latest() is not None:
     state, _ = ckpts.restore(state)
     logging.info('resumed from step %d in %s', int(state.step), workdir)
+  state = run.replicas.for_step(state)
   start = int(state.step)
   writer = logs.Writer(workdir, enabled=lead)
   total = config.total_steps
@@ -332,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
       else:
         progress.update(step)
       if step % config.checkpoint_every == 0 or step == total or preempted.is_set():
-        ckpts.save(step, state, {'step': step, 'dataset': config.dataset})
+        ckpts.save(step, run.replicas.for_save(state), {'step': step, 'dataset': config.dataset})
       if preempted.is_set():
         outcome.update(status='preempted', reason=f'SIGTERM; checkpoint saved at step {step}')
         break
@@ -373,6 +374,7 @@ def evaluate_checkpoint(workdir, step: int | None = None, split: str | None = No
     state, _ = ckpts.restore(run.abstract_state(), step, sharding=run.replicas.replicated)
   finally:
     ckpts.close()
+  state = run.replicas.for_step(state)
   split = split or run.spec.eval_split
   result = {'step': int(state.step), 'split': split, **run.evaluate(state, split)}
   if jax.process_index() == 0:

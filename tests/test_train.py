@@ -36,11 +36,10 @@ def tiny_config(**overrides):
 def params_of(workdir):
   """The saved state of a run's latest checkpoint, as numpy arrays."""
   ck = checkpoint.Checkpoints(workdir, asynchronous=False)
-  import orbax.checkpoint as ocp
-  restored = ck.manager.restore(ck.latest(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
-  ck.close()
-  return jax.tree.map(np.asarray, restored.state)
+  try:
+    return ck.restore_arrays()
+  finally:
+    ck.close()
 
 
 # --------------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ def init_distributed(from_config: bool):
   f = flags.FLAGS
   if not (from_config or (_COORDINATOR is not None and _COORDINATOR.value)):
     return
-  if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # CPU processes talk over gloo (the option only concerns the CPU client, and asking
+  # which backend we are on would start it before initialize may).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   kwargs = {}
   if _COORDINATOR.value:
     kwargs = dict(coordinator_address=_COORDINATOR.value, num_processes=f.num_processes,
@@ -61,6 +62,40 @@ def main(tool: str):
   return wrap
 
 
+def one_line(e: BaseException) -> str:
+  text = str(e).replace("\\'", "'").replace('\\n', ' ').replace('\n', ' ').strip(" '\"")
+  return ' '.join(text.split()) or e.__class__.__name__
+
+
+def load_config(holder):
+  """The --config flag's value; a config file that fails to load is a UserError."""
+  try:
+    config = holder.value
+    if config is not None:
+      config.get('dataset')  # the file is loaded lazily; surface its errors here
+  except Exception as e:  # noqa: BLE001 — anything a config file raises
+    raise UserError(f'cannot load --config: {one_line(e)}') from None
+  return config
+
+
+def config_flag(help_text: str):
+  from ml_collections import config_flags
+  return config_flags.DEFINE_config_file('config', None, help_text, lock_config=True)
+
+
+def default_config():
+  """The embedded default experiment (experiments/fashion_mnist.py beside the package)."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[2] / 'experiments' / 'fashion_mnist.py'
+  if not path.exists():
+    raise UserError(f'{path} is missing; pass --config=<experiment file>')
+  spec = importlib.util.spec_from_file_location('preact_default_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def run(main_fn):
   """app.run, but flag errors (unknown --config.key, bad values) exit 2 with one line."""
   tool = getattr(main_fn, 'tool', os.path.basename(sys.argv[0]))
@@ -68,11 +103,13 @@ def run(main_fn):
   def parse(argv):
     try:
       return flags.FLAGS(argv)
-    except flags.Error as e:
-      print(f'{tool}: error: {e}', file=sys.stderr, flush=True)
-      sys.exit(2)
-    except UserError as e:
-      print(f'{tool}: error: {e}', file=sys.stderr, flush=True)
+    except (flags.Error, UserError, AttributeError, KeyError, ValueError, TypeError) as e:
+      # ml_collections reports an unknown --config.key as AttributeError/KeyError.
+      text = one_line(e)
+      if isinstance(e, (AttributeError, KeyError)):
+        bad = next((a.split('=')[0] for a in argv if a.startswith('--config.')), '')
+        text = f'unknown config key in {bad}: {text}'
+      print(f'{tool}: error: {text}', file=sys.stderr, flush=True)
       sys.exit(2)
 
   app.run(main_fn, flags_parser=parse)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from preact.cli import common
@@ -24,12 +24,13 @@ common.define_distributed_flags()
 def main(argv):
   if len(argv) > 1:
     raise common.UserError(f'unexpected arguments {" ".join(argv[1:])}')
-  if _CONFIG.value is None or not _WORKDIR.value:
+  config = common.load_config(_CONFIG)
+  if config is None or not _WORKDIR.value:
     raise common.UserError('--config and --workdir are required, e.g. '
                            '--config=experiments/fashion_mnist.py --workdir=runs/fmnist')
-  common.init_distributed(_CONFIG.value.distributed)
+  common.init_distributed(config.distributed)
   from preact import train
-  outcome = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  outcome = train.train_and_evaluate(config, _WORKDIR.value)
   if outcome['test_error'] is not None:
     print(f'step {outcome["step"]}: test error {100 * outcome["test_error"]:.2f}% '
           f'({outcome["status"]})', flush=True)

@@ -1,0 +1,81 @@
+"""preact-probe: exact ∂L/∂x_l and ‖x_l‖ across depth, per unit variant, with plots.
+
+  preact-probe --out=probe_out          # 10 variants at ResNet-110 and ResNet-164
+  preact-probe --units=full_preact,constant_scaling --depth=1001 --batch=8 --out=o
+  preact-probe --workdir=runs/fmnist --out=o   # a trained run's latest checkpoint
+
+Writes OUT/probe.json and OUT/grad_norm.png, OUT/act_norm.png, OUT/identity.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import flags
+
+from preact.cli import common
+
+DEFAULT_UNITS = ('original', 'bn_after_addition', 'relu_before_addition',
+                 'relu_only_preact', 'full_preact', 'constant_scaling', 'exclusive_gating',
+                 'shortcut_only_gating', 'conv_shortcut', 'dropout_shortcut')
+
+_CONFIG = common.config_flag('Data and model settings (default: the embedded default).')
+_WORKDIR = flags.DEFINE_string('workdir', None, "Probe this run's latest checkpoint on its "
+                               'own data (its unit and depth).')
+_UNITS = flags.DEFINE_list('units', list(DEFAULT_UNITS), 'Unit variants to probe.')
+_DEPTH = flags.DEFINE_list('depth', ['110', '164'], 'CIFAR-style depths.')
+_BOTTLENECK = flags.DEFINE_bool('bottleneck', None, 'Bottleneck units (default: the '
+                                "paper's choice per depth: 164 and 1001 bottleneck).")
+_ZERO = flags.DEFINE_bool('zero_init_last', False, 'Zero the last layer of every branch.')
+_BATCH = flags.DEFINE_integer('batch', 32, 'Examples in the probed batch.')
+_BN = flags.DEFINE_enum('bn', 'auto', ['auto', 'train', 'eval'], 'BN statistics: batch '
+                        '(train) or running (eval); auto: train at init, eval for --workdir.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Initialization seed.')
+_OUT = flags.DEFINE_string('out', None, 'Output directory.')
+
+
+@common.main('preact-probe')
+def main(argv):
+  if len(argv) > 1:
+    raise common.UserError(f'unexpected arguments {" ".join(argv[1:])}')
+  if not _OUT.value:
+    raise common.UserError('--out is required: the directory for probe.json and the plots')
+  if _BATCH.value < 1:
+    raise common.UserError(f'--batch must be positive, got {_BATCH.value}')
+  from etils import epath
+  from preact import plots, probes
+  t0 = time.time()
+  if _WORKDIR.value:
+    results = [probes.probe_checkpoint(_WORKDIR.value, _BATCH.value, _BN.value)]
+    identity = None
+  else:
+    config = common.load_config(_CONFIG) or common.default_config()
+    depths = _parse_depths(_DEPTH.value)
+    results, identity = probes.probe_variants(
+        config, _UNITS.value, depths, _BOTTLENECK.value, _ZERO.value, _BATCH.value,
+        _BN.value, _SEED.value, progress=True)
+  out = epath.Path(_OUT.value)
+  out.mkdir(parents=True, exist_ok=True)
+  doc = {'probes': [r.to_json() for r in results]}
+  if identity:
+    doc['identity'] = identity
+  (out / 'probe.json').write_text(json.dumps(doc, indent=1))
+  plots.probe_figures(results, identity, out)
+  print(probes.summary_table(results))
+  print(f'wrote {out}/probe.json and plots in {time.time() - t0:.0f}s', flush=True)
+
+
+def _parse_depths(values):
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise common.UserError(f'--depth takes integers, got {",".join(values)}') from None
+
+
+def run():
+  common.run(main)
+
+
+if __name__ == '__main__':
+  run()

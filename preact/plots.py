@@ -1,0 +1,82 @@
+"""Figures: gradient and activation norms across depth, the identity-mapping test, and
+training curves in the style of the paper's Fig. 1 and Fig. 6."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only; no display on the machines this runs on
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
+
+# Activation placements solid, shortcut variants dashed, so Fig. 2 and Fig. 4 separate.
+_DASHED = {'constant_scaling', 'exclusive_gating', 'shortcut_only_gating', 'conv_shortcut',
+           'dropout_shortcut'}
+
+
+def _save(fig, path):
+  with epath.Path(path).open('wb') as f:
+    fig.savefig(f, dpi=110, bbox_inches='tight')
+  plt.close(fig)
+
+
+def _by_depth(results):
+  groups = defaultdict(list)
+  for r in results:
+    groups[r.info.get('depth', '?')].append(r)
+  return dict(sorted(groups.items(), key=lambda kv: str(kv[0])))
+
+
+def _norm_figure(results, field, ylabel, title, path):
+  groups = _by_depth(results)
+  fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.6), squeeze=False)
+  for ax, (depth, rs) in zip(axes[0], groups.items()):
+    for r in rs:
+      y = getattr(r, field)
+      ax.plot(np.arange(len(y)), y, label=r.info['unit'], lw=1.4,
+              ls='--' if r.info['unit'] in _DASHED else '-')
+    for i in np.flatnonzero(np.diff(rs[0].stage)) + 1:
+      ax.axvline(i - 0.5, color='0.8', lw=0.8, zorder=0)
+    ax.set_yscale('log')
+    ax.set_xlabel('unit index l (stage boundaries dotted)')
+    ax.set_ylabel(ylabel)
+    ax.set_title(f'{title}, depth {depth} ({rs[0].info["branch"]}, BN {rs[0].info["bn"]})')
+    ax.grid(True, which='major', alpha=0.3)
+  axes[0][-1].legend(fontsize=8, loc='center left', bbox_to_anchor=(1.01, 0.5))
+  _save(fig, path)
+
+
+def probe_figures(results, identity, out):
+  """grad_norm.png, act_norm.png and (at initialization) identity.png in ``out``."""
+  out = epath.Path(out)
+  _norm_figure(results, 'grad_norm', '‖∂L/∂x_l‖ (exact)', 'Gradient at each unit input',
+               out / 'grad_norm.png')
+  _norm_figure(results, 'act_norm', '‖x_l‖', 'Forward signal', out / 'act_norm.png')
+  if identity:
+    _identity_figure(identity, out / 'identity.png')
+
+
+def _identity_figure(identity, path):
+  depths = sorted({k.split('@')[1] for k in identity}, key=int)
+  fig, axes = plt.subplots(1, len(depths), figsize=(6.5 * len(depths), 4.6), squeeze=False)
+  for ax, depth in zip(axes[0], depths):
+    rows = [(k.split('@')[0], v) for k, v in identity.items() if k.split('@')[1] == depth]
+    stages = len(rows[0][1])
+    y = np.arange(len(rows))
+    h = 0.8 / stages
+    for s in range(stages):
+      vals = [np.nan if v[s] is None else v[s] for _, v in rows]
+      ax.barh(y + (s - (stages - 1) / 2) * h, vals, height=h, label=f'stage {s + 1}')
+    for i, (_, v) in enumerate(rows):
+      if all(x == 0 for x in v if x is not None):
+        ax.text(0.002, i, 'identity (exactly 0)', va='center', fontsize=8)
+    ax.set_yticks(y, [name for name, _ in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel('‖x_out − x_in‖ / ‖x_in‖ across a stage, branches zeroed')
+    ax.set_title(f'Identity-mapping test, depth {depth}')
+    ax.grid(True, axis='x', alpha=0.3)
+  axes[0][-1].legend(fontsize=8)
+  _save(fig, path)

@@ -1,0 +1,235 @@
+"""Gradient probes: the exact ∂L/∂x_l and ‖x_l‖ at every unit of a real network.
+
+The paper's Eq. 4–5: with identity shortcuts and nothing after the addition,
+x_L = x_l + Σ_{i=l}^{L−1} F(x_i), so ∂L/∂x_l = ∂L/∂x_L (1 + ∂/∂x_l Σ F) and any deeper
+gradient reaches every shallower unit unchanged. With a scaled shortcut λ (Eq. 7) it
+is multiplied by λ per unit instead. The probes measure this with jax.grad through the
+network itself: every unit adds a zero 'perturbation' to its input x_l, and the
+gradient of the loss with respect to that perturbation is exactly ∂L/∂x_l (under
+nn.scan too, where the perturbations are stacked per unit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from preact import models
+
+
+@dataclasses.dataclass
+class ProbeResult:
+  """Per unit l, in network order: stage, ‖∂L/∂x_l‖, that norm over the stage's last
+  unit's, the cosine with the stage's last unit's gradient (NaN where the shapes
+  differ: a stage's first unit reads the previous stage's shape), and ‖x_l‖."""
+  stage: np.ndarray
+  grad_norm: np.ndarray
+  ratio: np.ndarray
+  cosine: np.ndarray
+  act_norm: np.ndarray
+  loss: float
+  info: dict = dataclasses.field(default_factory=dict)
+
+  def __len__(self):
+    return len(self.stage)
+
+  def units(self) -> list[dict]:
+    return [dict(index=i, stage=int(self.stage[i]), grad_norm=_num(self.grad_norm[i]),
+                 ratio=_num(self.ratio[i]), cosine=_num(self.cosine[i]),
+                 act_norm=_num(self.act_norm[i])) for i in range(len(self))]
+
+  def to_json(self) -> dict:
+    return {**self.info, 'loss': _num(self.loss), 'units': self.units()}
+
+
+def _num(x):
+  x = float(x)
+  return x if np.isfinite(x) else None  # JSON has no NaN
+
+
+def zero_perturbations(model, images) -> dict:
+  """Zeros shaped like every unit input x_l for this batch (stacked under scan)."""
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          images)['perturbations']
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def probe_loss(model, variables, perturbations, images, labels, train, rng):
+  """Mean cross-entropy with ``perturbations`` added to the unit inputs; aux: the
+  sown unit inputs x_l."""
+  mutable = ['intermediates'] + (['batch_stats'] if train else [])
+  logits, state = model.apply(
+      {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {}),
+       'perturbations': perturbations}, images, train=train, mutable=mutable,
+      rngs={'dropout': rng})
+  loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1))
+  return loss, state['intermediates']
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'train'))
+def _probe(model, variables, perturbations, images, labels, train, rng):
+  (loss, inter), grads = jax.value_and_grad(
+      functools.partial(probe_loss, model, variables), has_aux=True)(
+          perturbations, images, labels, train, rng)
+  g_blocks, x_blocks = models.unit_blocks(grads), models.unit_blocks(inter)
+  cols = {k: [] for k in ('stage', 'grad_norm', 'ratio', 'cosine', 'act_norm')}
+  norm = lambda b: jnp.sqrt(jnp.sum(jnp.square(b), axis=tuple(range(1, b.ndim))))
+  for s in sorted(g_blocks):
+    last = g_blocks[s][-1][-1]
+    last_norm = jnp.sqrt(jnp.sum(jnp.square(last)))
+    for g, x in zip(g_blocks[s], x_blocks[s]):
+      gn = norm(g)
+      if g.shape[1:] == last.shape:
+        dot = jnp.sum(g * last, axis=tuple(range(1, g.ndim)))
+        cos = dot / (gn * last_norm)
+      else:
+        cos = jnp.full(g.shape[:1], jnp.nan)
+      cols['stage'].append(jnp.full(g.shape[:1], s))
+      cols['grad_norm'].append(gn)
+      cols['ratio'].append(gn / last_norm)
+      cols['cosine'].append(cos)
+      cols['act_norm'].append(norm(x))
+  return loss, {k: jnp.concatenate(v) for k, v in cols.items()}
+
+
+def gradient_probe(model: models.ResNet, variables: dict, images, labels,
+                   train: bool = False, rng=None) -> ProbeResult:
+  """Exact per-unit gradient and activation statistics of ``model`` on one batch.
+
+  ``images`` are model inputs (normalized); BN uses batch statistics if ``train``,
+  else the running averages in ``variables``."""
+  images = jnp.asarray(images)
+  labels = jnp.asarray(labels, jnp.int32)
+  rng = jax.random.key(0) if rng is None else rng
+  variables = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
+  loss, cols = _probe(model, variables, zero_perturbations(model, images), images, labels,
+                      train, rng)
+  cols = jax.device_get(cols)
+  return ProbeResult(stage=cols['stage'].astype(int), grad_norm=cols['grad_norm'],
+                     ratio=cols['ratio'], cosine=cols['cosine'], act_norm=cols['act_norm'],
+                     loss=float(loss),
+                     info=dict(unit=model.unit, stages=list(model.stage_sizes),
+                               branch=model.branch, zero_init_last=model.zero_init_last,
+                               bn='train' if train else 'eval'))
+
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def _stage_changes(model, variables, images):
+  _, state = model.apply(variables, images, train=False, mutable=['intermediates'])
+  blocks = models.unit_blocks(state['intermediates'])
+  out = []
+  for s in sorted(blocks):
+    # From the stage's second unit on (past any projection) to its last unit's input.
+    x_in, x_out = blocks[s][0][1] if len(blocks[s][0]) > 1 else blocks[s][1][0], \
+        blocks[s][-1][-1]
+    out.append(jnp.linalg.norm(x_out - x_in) / jnp.linalg.norm(x_in))
+  return jnp.stack(out)
+
+
+def identity_test(model: models.ResNet, variables: dict, images) -> np.ndarray:
+  """The identity-mapping test: with every residual branch zeroed (``zero_init_last``
+  models at init), the relative change ‖x_out − x_in‖/‖x_in‖ across each stage, from
+  its second unit's input to its last unit's. Zero exactly when the shortcut and
+  after-addition path are identities; BN and running statistics in eval mode."""
+  if not model.zero_init_last:
+    raise ValueError('identity_test needs a zero_init_last model (F ≡ 0)')
+  variables = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
+  return np.asarray(_stage_changes(model, variables, jnp.asarray(images)))
+
+
+# --------------------------------------------------------------------------------------
+# Whole probes as the command runs them.
+
+
+def paper_bottleneck(depth: int) -> bool:
+  """The paper's block for a CIFAR depth: bottleneck for 164 and 1001 (and any 9n+2
+  that is not 6n+2), basic otherwise."""
+  return depth in (164, 1001) or (depth - 2) % 6 != 0
+
+
+def probe_batch(config, batch: int):
+  """The first ``batch`` examples of the dataset's evaluation split, normalized."""
+  from preact import data
+  spec = data.spec(config.dataset)
+  if spec.streaming:
+    from preact import imagenet
+    b = next(imagenet.eval_batches(config.copy_and_resolve_references(), spec.eval_split))
+    images, labels = b['image'][:batch], b['label'][:batch]
+  else:
+    images, labels = data.load_arrays(config.dataset, spec.eval_split, config.data_dir)
+    images, labels = images[:batch], labels[:batch]
+  mean, std = data.channel_stats(config.dataset, config.data_dir)
+  return data.normalize(images, mean, std, np.float32), labels, spec.num_classes
+
+
+def probe_variants(config, unit_names, depths, bottleneck=None, zero_init_last=False,
+                   batch=32, bn='auto', seed=0, progress=False):
+  """Probes each unit variant at each depth at initialization; returns the results and
+  the identity-mapping test {'<unit>@<depth>': per-stage relative change}."""
+  from preact import train
+  images, labels, classes = probe_batch(config, batch)
+  train_mode = bn != 'eval'
+  results, identity = [], {}
+  for depth in depths:
+    for unit in unit_names:
+      c = config.copy_and_resolve_references()
+      with c.unlocked():
+        c.model.unit, c.model.depth = unit, depth
+        c.model.bottleneck = paper_bottleneck(depth) if bottleneck is None else bottleneck
+        c.model.zero_init_last = zero_init_last
+        c.model.unit_args = type(c.model.unit_args)(
+            {k: None for k in c.model.unit_args})  # each unit's own defaults
+      model = train.build_model(c, classes)
+      init = jax.jit(lambda k, m=model: m.init(k, images[:1], train=False))
+      t = time.time()
+      variables = init(models.init_key(seed))
+      r = gradient_probe(model, variables, images, labels, train=train_mode)
+      r.info['depth'] = depth
+      results.append(r)
+      zeroed = model.clone(zero_init_last=True)
+      z_vars = jax.jit(lambda k, m=zeroed: m.init(k, images[:1], train=False))(
+          models.init_key(seed))
+      identity[f'{unit}@{depth}'] = [_num(v) for v in identity_test(zeroed, z_vars, images)]
+      if progress:
+        print(f'  probed {unit:<22} depth {depth:<5} in {time.time() - t:5.1f}s', flush=True)
+  return results, identity
+
+
+def probe_checkpoint(workdir, batch: int = 32, bn: str = 'auto') -> ProbeResult:
+  """Probes a preact-train run's latest checkpoint on its own evaluation data."""
+  from preact import checkpoint, train
+  from etils import epath
+  import json
+  from preact import config as config_lib
+  from preact.errors import UserError
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
+    raise UserError(f'{workdir} holds no run (no config.json)')
+  config = config_lib.from_dict(json.loads(path.read_text()))
+  images, labels, classes = probe_batch(config, batch)
+  model = train.build_model(config, classes)
+  ck = checkpoint.Checkpoints(workdir, asynchronous=False)
+  try:
+    state = ck.restore_arrays()
+  finally:
+    ck.close()
+  r = gradient_probe(model, state, images, labels, train=bn == 'train')
+  r.info.update(depth=config.model.depth, step=int(state['step']), workdir=str(workdir))
+  return r
+
+
+def summary_table(results) -> str:
+  """One line per probe: the paper's comparison, first unit's gradient over last's."""
+  lines = [f'{"unit":<22} {"depth":>5} {"bn":<5} {"loss":>8} {"|g_first|":>10} '
+           f'{"|g_last|":>10} {"first/last":>10} {"min ratio":>10} {"max ratio":>10}']
+  for r in results:
+    lines.append(f'{r.info["unit"]:<22} {r.info.get("depth", ""):>5} {r.info["bn"]:<5} '
+                 f'{r.loss:8.4f} {r.grad_norm[0]:10.4g} {r.grad_norm[-1]:10.4g} '
+                 f'{r.grad_norm[0] / r.grad_norm[-1]:10.4g} {np.nanmin(r.ratio):10.4g} '
+                 f'{np.nanmax(r.ratio):10.4g}')
+  return '\n'.join(lines)

@@ -1,0 +1,152 @@
+"""The commands as users run them, on the real Fashion-MNIST: train, evaluate, survive
+SIGKILL and SIGTERM, run as two processes, and refuse bad input with exit status 2."""
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, cli_env, run_cli
+from test_train import params_of
+
+TINY = ['--config=experiments/fashion_mnist.py', '--config.model.depth=8',
+        '--config.batch_size=32', '--config.total_steps=12', '--config.checkpoint_every=3',
+        '--config.eval_every=1000', '--config.log_every=3', '--config.eval_batch_size=1000',
+        '--config.progress=log']
+
+
+def tiny(workdir, data_dir, *extra):
+  return [*TINY, f'--workdir={workdir}', f'--config.data_dir={data_dir}', *extra]
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, fmnist_dir):
+  """An uninterrupted tiny run."""
+  workdir = tmp_path_factory.mktemp('reference')
+  run_cli('train', *tiny(workdir, fmnist_dir), check=True)
+  return workdir
+
+
+def test_train_writes_its_workdir_and_eval_restores_it(reference):
+  outcome = json.loads((reference / 'outcome.json').read_text())
+  assert outcome['status'] == 'completed' and outcome['step'] == 12
+  rows = [json.loads(l) for l in (reference / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [3, 6, 9, 12]
+  for key in ('train_loss', 'train_error', 'lr', 'images_per_s'):
+    assert all(key in r for r in rows)
+  assert 'test_error' in rows[-1]
+  assert list((reference / 'tensorboard').glob('events.out.tfevents.*'))
+  config = json.loads((reference / 'config.json').read_text())
+  assert config['model']['depth'] == 8 and config['dataset'] == 'fashion_mnist'
+
+  proc = run_cli('eval', f'--workdir={reference}', check=True)
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result['step'] == 12 and result['examples'] == 10000 and result['split'] == 'test'
+  assert result['error'] == pytest.approx(outcome['test_error'])
+  assert result['accuracy'] == pytest.approx(1 - result['error'])
+  logged = [json.loads(l) for l in (reference / 'eval.jsonl').read_text().splitlines()]
+  assert logged[-1] == result
+
+  proc = run_cli('eval', f'--workdir={reference}', '--step=6', '--split=train[:1000]', check=True)
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result['step'] == 6 and result['examples'] == 1000
+
+
+def _wait_for_checkpoint(workdir, at_least, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    steps = [int(p.name) for p in (workdir / 'checkpoints').glob('*') if p.name.isdigit()]
+    if steps and max(steps) >= at_least:
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f'run ended early:\n{proc.stderr.read()[-3000:]}')
+    time.sleep(0.02)
+  raise AssertionError('no checkpoint appeared')
+
+
+def _start(args):
+  return subprocess.Popen([sys.executable, '-m', 'preact.cli.train', *args], cwd=REPO,
+                          env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def test_sigkill_mid_training_then_resume_is_bit_identical(reference, tmp_path, fmnist_dir):
+  args = tiny(tmp_path, fmnist_dir)
+  proc = _start(args)
+  _wait_for_checkpoint(tmp_path, 3, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not (tmp_path / 'outcome.json').exists()  # killed before it finished
+  run_cli('train', *args, check=True)
+  want, got = params_of(reference), params_of(tmp_path)
+  assert int(got['step']) == 12
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, fmnist_dir):
+  proc = _start(tiny(tmp_path, fmnist_dir, '--config.total_steps=100000',
+                     '--config.checkpoint_every=50000'))
+  # Wait until training runs (metrics appear every 3 steps), then preempt.
+  deadline = time.time() + 300
+  while not (tmp_path / 'metrics.jsonl').exists() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-2000:]
+  outcome = json.loads((tmp_path / 'outcome.json').read_text())
+  assert outcome['status'] == 'preempted'
+  assert int(params_of(tmp_path)['step']) == outcome['step'] > 0
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_process(tmp_path, fmnist_dir):
+  steps = ['--config.total_steps=3', '--config.log_every=1', '--config.checkpoint_every=3']
+  run_cli('train', *tiny(tmp_path / 'one', fmnist_dir, *steps), devices=2, check=True)
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'preact.cli.train', *tiny(tmp_path / 'two', fmnist_dir, *steps),
+       f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=REPO, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  one, two = params_of(tmp_path / 'one'), params_of(tmp_path / 'two')
+  assert int(two['step']) == 3
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # Only process 0 wrote the logs.
+  rows = (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()
+  assert [json.loads(r)['step'] for r in rows] == [1, 2, 3]
+
+
+@pytest.mark.parametrize('tool,args,match', [
+    ('train', ['--config.model.deepth=3'], 'unknown config key in --config.model.deepth'),
+    ('train', ['--config.model.depth=100'], r'depth 100 does not fit basic units'),
+    ('train', ['--config.dataset=mnist'], "dataset='mnist' is not one of"),
+    ('train', ['--config=experiments/nope.py'], 'cannot load --config'),
+    ('eval', [], 'holds no run'),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, tool, args, match):
+  base = [*TINY, f'--workdir={tmp_path / "w"}'] if tool == 'train' else [
+      f'--workdir={tmp_path / "w"}']
+  proc = run_cli(tool, *base, *args, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith(f'preact-{tool}: error:')]
+  assert len(errors) == 1 and 'Traceback' not in proc.stderr
+  assert re.search(match, errors[0]), errors[0]
+  assert not (tmp_path / 'w' / 'checkpoints').exists()

@@ -1,0 +1,145 @@
+"""Gradient probes against the paper's analytic results (Eq. 5 and Eq. 7), against
+finite differences for every unit variant, and the preact-probe command."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from preact import models, probes, units
+
+X = jax.random.normal(jax.random.key(0), (6, 12, 12, 3))
+Y = jnp.arange(6) % 10
+
+
+def _net(unit, depth=38, **kw):  # 38 = 6·6+2: six basic units per stage
+  model = models.cifar_resnet(depth, unit, **kw)
+  variables = jax.jit(functools.partial(model.init, train=False))(models.init_key(1), X[:1])
+  return model, {k: variables[k] for k in ('params', 'batch_stats')}
+
+
+def _raw(model, variables, train=True):
+  """Raw ∂L/∂x_l and x_l per unit, in order, through the probes' own loss."""
+  perts = probes.zero_perturbations(model, X)
+  (_, inter), grads = jax.jit(jax.value_and_grad(
+      functools.partial(probes.probe_loss, model, variables), has_aux=True),
+      static_argnums=(3,))(perts, X, Y, train, jax.random.key(0))
+  return models.unit_inputs(grads), models.unit_inputs(inter)
+
+
+def _non_first(stages):
+  """Indices of units that are not their stage's first."""
+  return [i for i in range(1, len(stages)) if stages[i] == stages[i - 1]]
+
+
+def test_full_preact_gradient_is_the_same_vector_across_a_stage():
+  """Eq. 5 with F ≡ 0: ∂L/∂x_l = ∂L/∂x_L for every l within a stage."""
+  model, v = _net('full_preact', zero_init_last=True)
+  grads, _ = _raw(model, v)
+  stages = [s for s, _ in grads]
+  for i in _non_first(stages):
+    if i + 1 < len(grads) and stages[i + 1] == stages[i]:
+      np.testing.assert_array_equal(grads[i][1], grads[i + 1][1])
+  r = probes.gradient_probe(model, v, X, Y, train=True)
+  for i in _non_first(list(r.stage)):
+    assert r.ratio[i] == pytest.approx(1.0, abs=1e-6)
+    assert r.cosine[i] == pytest.approx(1.0, abs=1e-6)
+  # Stage 1 does not project (16 → 16), so its first unit is on the identity path too.
+  assert r.ratio[0] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize('scale', [0.5, 0.8])
+def test_constant_scaling_multiplies_the_gradient_by_lambda_per_unit(scale):
+  """Eq. 7: with F ≡ 0, x_{l+1} = ReLU(λ x_l), so ∂L/∂x_l = λ^(L−l) ∂L/∂x_L (the
+  ReLU masks coincide because λ > 0 keeps the sign pattern of x ≥ 0)."""
+  model, v = _net('constant_scaling', zero_init_last=True, unit_args={'scale': scale})
+  r = probes.gradient_probe(model, v, X, Y, train=True)
+  for s in range(3):
+    idx = np.flatnonzero(r.stage == s)
+    last = idx[-1]
+    for i in idx:
+      if s > 0 and i == idx[0]:
+        continue  # the projecting unit reads another shape
+      np.testing.assert_allclose(r.ratio[i], scale ** (last - i), rtol=2e-5)
+      assert r.cosine[i] == pytest.approx(1.0, abs=1e-5)
+  assert r.grad_norm[0] / r.grad_norm[5] == pytest.approx(scale ** 5, rel=1e-4)
+
+
+def test_original_unit_gradient_is_masked_by_the_after_addition_relus():
+  model, v = _net('original', zero_init_last=True)
+  grads, xs = _raw(model, v)
+  stages = [s for s, _ in grads]
+  for s in range(3):
+    idx = [i for i, st in enumerate(stages) if st == s]
+    last = idx[-1]
+    for i in idx[1:] if s else idx:
+      mask = np.ones_like(xs[i][1])
+      for j in range(i, last):
+        mask = mask * (np.asarray(xs[j][1]) > 0)
+      np.testing.assert_array_equal(grads[i][1], mask * np.asarray(grads[last][1]))
+
+
+@pytest.mark.parametrize('unit', list(units.UNITS))
+def test_probe_agrees_with_finite_differences_in_float64(unit):
+  with jax.enable_x64(True):
+    model = models.cifar_resnet(20, unit, dtype=jnp.float64)  # three units per stage
+    x = X.astype(jnp.float64)
+    variables = model.init(models.init_key(2), x[:1], train=False)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64),
+                             {k: variables[k] for k in ('params', 'batch_stats')})
+    perts = probes.zero_perturbations(model, x)
+    rng = jax.random.key(4)
+    loss = jax.jit(lambda p: probes.probe_loss(model, variables, p, x, Y, True, rng)[0])
+    grads = jax.grad(loss)(perts)
+    # Directional derivatives at a scanned unit (stage 2, third unit) and a first unit.
+    for name, index in (('stage2_rest', 1), ('stage3_unit1', None)):
+      direction = jax.random.normal(jax.random.key(7), perts[name]['x'].shape, jnp.float64)
+      if index is not None:  # only that unit's slice of the stacked perturbation
+        direction = direction * (jnp.arange(direction.shape[0]) == index).reshape(
+            -1, *[1] * (direction.ndim - 1))
+      # Thousands of ReLUs see the bump (and, in train mode, every BN statistic moves):
+      # a small step keeps the difference off their kinks; float64 keeps round-off low.
+      eps = 1e-8
+      bump = lambda e: jax.tree_util.tree_map_with_path(
+          lambda path, a: a + e * direction if path[0].key == name else a, perts)
+      fd = (loss(bump(eps)) - loss(bump(-eps))) / (2 * eps)
+      exact = jnp.sum(grads[name]['x'] * direction)
+      np.testing.assert_allclose(fd, exact, rtol=2e-5, atol=1e-10)
+
+
+def test_probe_is_the_same_scanned_and_unrolled():
+  model, v = _net('relu_only_preact')
+  a = probes.gradient_probe(model, v, X, Y, train=True)
+  b = probes.gradient_probe(model.clone(scan=False), models.unscan(v), X, Y, train=True)
+  for field in ('grad_norm', 'ratio', 'act_norm'):
+    np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-4)
+  assert len(a) == 18 and a.to_json()['units'][0]['index'] == 0
+
+
+def test_identity_test_is_zero_exactly_for_identity_paths():
+  for unit, identity in (('full_preact', True), ('relu_before_addition', True),
+                         ('bn_after_addition', False), ('constant_scaling', False)):
+    model, v = _net(unit, zero_init_last=True)
+    change = probes.identity_test(model, v, X)
+    assert change.shape == (3,)
+    assert np.all(change == 0) == identity, (unit, change)
+
+
+def test_preact_probe_command_writes_json_and_plots(tmp_path, fmnist_dir):
+  from conftest import run_cli
+  out = tmp_path / 'out'
+  proc = run_cli('probe', '--units=full_preact,constant_scaling', '--depth=20', '--batch=4',
+                 f'--out={out}', '--config=experiments/fashion_mnist.py',
+                 f'--config.data_dir={fmnist_dir}', check=True)
+  doc = json.loads((out / 'probe.json').read_text())
+  assert [p['unit'] for p in doc['probes']] == ['full_preact', 'constant_scaling']
+  assert len(doc['probes'][0]['units']) == 9
+  assert set(doc['probes'][0]['units'][0]) == {'index', 'stage', 'grad_norm', 'ratio',
+                                              'cosine', 'act_norm'}
+  assert doc['identity']['full_preact@20'] == [0.0, 0.0, 0.0]
+  for name in ('grad_norm.png', 'act_norm.png', 'identity.png'):
+    assert (out / name).read_bytes()[:4] == b'\x89PNG'
+  assert 'first/last' in proc.stdout
