@@ -79,7 +79,10 @@ def base() -> ml_collections.ConfigDict:
   c.paper = ml_collections.ConfigDict()  # what the paper reports for this setting
   c.paper.table = ''
   c.paper.row = ''
-  c.paper.error = -1.0                 # test error %, -1 = none; 'fail' rows use 100
+  c.paper.error = -1.0                 # test error % (top-1), -1 = none
+  c.paper.error_top5 = -1.0            # ImageNet top-5 error %, -1 = none
+  c.paper.fail = False                 # the paper reports "fail" (error stayed > 20%)
+  c.paper.mini = False                 # the small-scale Fashion-MNIST setting
   return c
 
 

@@ -39,7 +39,7 @@ def _norm_figure(results, field, ylabel, title, path):
       ax.plot(np.arange(len(y)), y, label=r.info['unit'], lw=1.4,
               ls='--' if r.info['unit'] in _DASHED else '-')
     for i in np.flatnonzero(np.diff(rs[0].stage)) + 1:
-      ax.axvline(i - 0.5, color='0.8', lw=0.8, zorder=0)
+      ax.axvline(i - 0.5, color='0.6', lw=0.8, ls=':', zorder=0)
     ax.set_yscale('log')
     ax.set_xlabel('unit index l (stage boundaries dotted)')
     ax.set_ylabel(ylabel)
@@ -79,4 +79,34 @@ def _identity_figure(identity, path):
     ax.set_title(f'Identity-mapping test, depth {depth}')
     ax.grid(True, axis='x', alpha=0.3)
   axes[0][-1].legend(fontsize=8)
+  _save(fig, path)
+
+
+def training_curves(rows, title, path):
+  """The paper's Fig. 1 / Fig. 6 style: test error (dashed, left axis) and training
+  loss (solid, right axis) against iterations, one color per experiment; each seed
+  drawn thin."""
+  fig, ax = plt.subplots(figsize=(8, 5))
+  loss_ax = ax.twinx()
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  for i, (row, runs) in enumerate(rows.items()):
+    color = colors[i % len(colors)]
+    for j, run in enumerate(runs):
+      m = run.metrics
+      train = [(r['step'], r['train_loss']) for r in m if 'train_loss' in r
+               and np.isfinite(r['train_loss'])]
+      test = [(r['step'], 100 * r['test_error']) for r in m if 'test_error' in r]
+      label = row if j == 0 else None
+      if train:
+        loss_ax.plot(*zip(*train), color=color, lw=1.0, alpha=0.8)
+      if test:
+        ax.plot(*zip(*test), color=color, lw=1.6, ls='--', marker='.', label=label)
+  ax.set_xlabel('iterations')
+  ax.set_ylabel('test error % (dashed)')
+  loss_ax.set_ylabel('training loss (solid)')
+  loss_ax.set_yscale('log')
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  if rows:
+    ax.legend(fontsize=7, loc='upper right')
   _save(fig, path)

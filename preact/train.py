@@ -143,9 +143,11 @@ def make_eval_step(model, mean, std):
     x = data.normalize(batch['image'], mean, std, model.dtype)
     logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
                          train=False)
-    m = batch['mask']
-    sums = {'loss': jnp.sum(cross_entropy(logits, batch['label']) * m),
-            'errors': jnp.sum((jnp.argmax(logits, -1) != batch['label']) * m),
+    m, labels = batch['mask'], batch['label']
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    sums = {'loss': jnp.sum(cross_entropy(logits, labels) * m),
+            'errors': jnp.sum((jnp.argmax(logits, -1) != labels) * m),
+            'errors_top5': jnp.sum(~jnp.any(top5 == labels[:, None], -1) * m),
             'examples': jnp.sum(m)}
     return jax.lax.psum(sums, parallel.AXIS)
 
@@ -164,6 +166,7 @@ class Run:
     self.config = config_lib.validate(config)
     self.workdir = epath.Path(workdir)
     self.spec = data.spec(config.dataset)
+    self.model = build_model(config, self.spec.num_classes)  # bad settings fail before I/O
     self.replicas = parallel.Replicas(config.parallelism, devices)
     self.replicas.check_batch('batch_size', config.batch_size)
     self.replicas.check_batch('eval_batch_size', config.eval_batch_size)
@@ -176,7 +179,6 @@ class Run:
           config.augment.flip, config.data_dir, jax.process_index(), jax.process_count())
     self.mean, self.std = data.channel_stats(config.dataset, config.data_dir)
     self.image_shape = self._image_shape()
-    self.model = build_model(config, self.spec.num_classes)
     self.tx = make_optimizer(config.optimizer, config.total_steps)
     self.schedule = make_schedule(config.optimizer, config.total_steps)
     self.train_step = self.replicas.map(
@@ -215,7 +217,8 @@ class Run:
     totals = jax.device_get(totals)
     n = float(totals['examples'])
     return {'loss': float(totals['loss']) / n, 'error': float(totals['errors']) / n,
-            'accuracy': 1.0 - float(totals['errors']) / n, 'examples': int(n)}
+            'accuracy': 1.0 - float(totals['errors']) / n,
+            'error_top5': float(totals['errors_top5']) / n, 'examples': int(n)}
 
 
 def _check_workdir_config(workdir: epath.Path, config) -> None:
@@ -323,7 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
           break
       if step % config.eval_every == 0 or step == total:
         ev = run.evaluate(state)
-        row.update(test_loss=ev['loss'], test_error=ev['error'])
+        row.update(test_loss=ev['loss'], test_error=ev['error'],
+                   test_error_top5=ev['error_top5'])
         outcome['test_error'] = ev['error']
         t_log = time.time()  # images/s counts training time only
       if row:

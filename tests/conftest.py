@@ -12,6 +12,12 @@ import sys
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Many tests (and the subprocesses of the CLI tests) compile the same tiny train steps;
+# XLA's persistent cache lets each compile once per test session.
+import tempfile  # noqa: E402
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'preact-test-jax-cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pytest  # noqa: E402
 

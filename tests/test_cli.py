@@ -135,7 +135,7 @@ def test_two_processes_train_like_one_process(tmp_path, fmnist_dir):
 
 
 @pytest.mark.parametrize('tool,args,match', [
-    ('train', ['--config.model.deepth=3'], 'unknown config key in --config.model.deepth'),
+    ('train', ['--config.model.deepth=3'], r'unknown config key in --config.model.deepth: deepth Did you mean'),
     ('train', ['--config.model.depth=100'], r'depth 100 does not fit basic units'),
     ('train', ['--config.dataset=mnist'], "dataset='mnist' is not one of"),
     ('train', ['--config=experiments/nope.py'], 'cannot load --config'),

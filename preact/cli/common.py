@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -63,7 +64,8 @@ def main(tool: str):
 
 
 def one_line(e: BaseException) -> str:
-  text = str(e).replace("\\'", "'").replace('\\n', ' ').replace('\n', ' ').strip(" '\"")
+  text = str(e).replace("\\'", "'").replace('\\n', ' ').replace('\n', ' ').strip(' "')
+  text = re.sub(r"^'+([^']*)'+", r'\1', text).rstrip("'")  # KeyError's quoting
   return ' '.join(text.split()) or e.__class__.__name__
 
 
@@ -103,11 +105,16 @@ def run(main_fn):
   def parse(argv):
     try:
       return flags.FLAGS(argv)
-    except (flags.Error, UserError, AttributeError, KeyError, ValueError, TypeError) as e:
-      # ml_collections reports an unknown --config.key as AttributeError/KeyError.
+    except (flags.Error, UserError, AttributeError, KeyError, ValueError, TypeError,
+            OSError) as e:
       text = one_line(e)
-      if isinstance(e, (AttributeError, KeyError)):
-        bad = next((a.split('=')[0] for a in argv if a.startswith('--config.')), '')
+      if isinstance(e, OSError):  # the --config file itself did not load
+        text = f'cannot load --config: {text}'
+      elif isinstance(e, (AttributeError, KeyError)):
+        # ml_collections reports an unknown --config.key this way, naming the key.
+        name = re.search(r"'([^']+)'", str(e).replace("\\'", "'"))
+        bad = next((a.split('=')[0] for a in argv if a.startswith('--config.') and name
+                    and a.split('=')[0].endswith('.' + name.group(1))), '--config.…')
         text = f'unknown config key in {bad}: {text}'
       print(f'{tool}: error: {text}', file=sys.stderr, flush=True)
       sys.exit(2)

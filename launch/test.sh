@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up, then run the test suite on both cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+.venv/bin/python -m pytest -n 2 -q tests "$@"

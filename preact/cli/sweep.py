@@ -1,0 +1,55 @@
+"""preact-sweep: one experiment over several seeds (the paper reports medians of 5).
+
+  preact-sweep --config=experiments/table2.py:full_preact,depth=164 --workdir=runs/t2 \
+      [--seeds=0,1,2,3,4] [--hosts=gpu1,gpu2,...] [--dry-run] [-- extra preact-train flags]
+
+Locally the seeds run one after another (a failed seed does not stop the rest); with
+--hosts, one job per host over ssh, all at once. Each seed trains into WORKDIR/seed<k>;
+`preact-report WORKDIR` then gives the median.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from preact.cli import common
+
+_CONFIG = flags.DEFINE_string('config', None, 'Experiment config (file[:arg]).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Parent directory of the seed runs.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2', '3', '4'], 'Seeds.')
+_HOSTS = flags.DEFINE_list('hosts', [], 'ssh hosts, one job each (round-robin).')
+_REPO_DIR = flags.DEFINE_string('repo_dir', 'preact', 'The checkout on the hosts.')
+_DRY = flags.DEFINE_bool('dry_run', False, 'Print the commands only.')
+_PREACT_TRAIN = flags.DEFINE_string('preact_train', None, 'preact-train to call locally '
+                                    '(default: the one beside this Python).')
+
+
+@common.main('preact-sweep')
+def main(argv):
+  if not _CONFIG.value or not _WORKDIR.value:
+    raise common.UserError('--config and --workdir are required')
+  try:
+    seeds = [int(s) for s in _SEEDS.value]
+  except ValueError:
+    raise common.UserError(f'--seeds takes integers, got {",".join(_SEEDS.value)}') from None
+  import os
+  from preact import launchers
+  commands = launchers.sweep_commands(_CONFIG.value, _WORKDIR.value, seeds, _HOSTS.value,
+                                      argv[1:], _REPO_DIR.value)
+  if not _HOSTS.value:
+    exe = _PREACT_TRAIN.value or os.path.join(os.path.dirname(sys.executable), 'preact-train')
+    commands = [[exe, *c[1:]] for c in commands]
+  failed = launchers.execute(commands, _DRY.value, parallel=bool(_HOSTS.value))
+  if failed:
+    print(f'preact-sweep: {failed} of {len(commands)} seeds failed', file=sys.stderr)
+    sys.exit(1)
+
+
+def run():
+  common.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,145 @@
+"""Reports: runs grouped by experiment, ours (median over seeds) beside the paper.
+
+A run's result is the test error of its last evaluation. As in the paper, a run whose
+error stayed above 20%, or that diverged (non-finite loss, recorded by the trainer in
+outcome.json), reads "fail".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import OrderedDict
+
+import numpy as np
+from etils import epath
+
+from preact import logs
+
+FAIL_ABOVE = 20.0  # % test error: the paper's "fail"
+
+
+@dataclasses.dataclass
+class RunResult:
+  workdir: str
+  config: dict
+  metrics: list
+  outcome: dict
+  error: float | None          # final test error %, None if never evaluated
+  error_top5: float | None
+
+  @property
+  def failed(self) -> bool:
+    return (self.outcome.get('status') == 'diverged' or
+            (self.error is not None and self.error > FAIL_ABOVE))
+
+  @property
+  def seed(self) -> int:
+    return self.config.get('seed', 0)
+
+  @property
+  def key(self) -> tuple:
+    p = self.config.get('paper', {})
+    if p.get('table'):
+      return (p['table'] + (' (mini)' if p.get('mini') else ''), p['row'])
+    m = self.config['model']
+    branch = 'bottleneck' if m.get('bottleneck') else '1-layer' if m.get('one_layer') else 'basic'
+    return ('other', f'{self.config["dataset"]} {m["unit"]} {m["depth"]} {branch}')
+
+
+def find_runs(paths) -> list[str]:
+  """Run directories (holding config.json) among ``paths`` and below them."""
+  found = []
+  for p in map(epath.Path, paths):
+    if (p / 'config.json').exists():
+      found.append(str(p))
+    elif p.is_dir():
+      found.extend(str(c.parent) for c in sorted(p.glob('**/config.json')))
+  return list(OrderedDict.fromkeys(found))
+
+
+def load_run(workdir) -> RunResult:
+  w = epath.Path(workdir)
+  config = json.loads((w / 'config.json').read_text())
+  metrics = logs.read_jsonl(w / 'metrics.jsonl')
+  outcome = json.loads((w / 'outcome.json').read_text()) if (w / 'outcome.json').exists() \
+      else {'status': 'running', 'step': metrics[-1]['step'] if metrics else 0}
+  evals = [r for r in metrics if 'test_error' in r]
+  error = 100 * evals[-1]['test_error'] if evals else None
+  top5 = 100 * evals[-1]['test_error_top5'] if evals and 'test_error_top5' in evals[-1] else None
+  return RunResult(str(w), config, metrics, outcome, error, top5)
+
+
+def _fmt(x, digits=2):
+  return '–' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{x:.{digits}f}'
+
+
+def summarize(runs: list[RunResult]) -> dict:
+  """{'median', 'std', 'n', 'failed', 'fail'} over the seeds of one experiment."""
+  done = [r for r in runs if r.error is not None or r.failed]
+  errors = [math.inf if r.failed else r.error for r in done]
+  finite = [e for e in errors if np.isfinite(e)]
+  median = float(np.median(errors)) if errors else None
+  return dict(median=median, std=float(np.std(finite)) if len(finite) > 1 else None,
+              n=len(done), failed=sum(r.failed for r in done),
+              fail=median is not None and (not np.isfinite(median) or median > FAIL_ABOVE))
+
+
+def tables(runs: list[RunResult]) -> OrderedDict:
+  """{table: {row: [runs]}} in first-seen order."""
+  out: OrderedDict = OrderedDict()
+  for r in runs:
+    table, row = r.key
+    out.setdefault(table, OrderedDict()).setdefault(row, []).append(r)
+  return out
+
+
+def markdown(runs: list[RunResult]) -> str:
+  parts = []
+  for table, rows in tables(runs).items():
+    parts.append(f'### {table}\n')
+    parts.append('| experiment | unit | depth | ours: test error % (median) | ± std | n '
+                 '| paper % | ours − paper |')
+    parts.append('|---|---|---|---|---|---|---|---|')
+    for row, rs in rows.items():
+      s = summarize(rs)
+      c = rs[0].config
+      paper = c.get('paper', {})
+      paper_err = 'fail' if paper.get('fail') else (
+          _fmt(paper['error']) if paper.get('error', -1) >= 0 else '–')
+      ours = 'fail' if s['fail'] else _fmt(s['median'])
+      if s['failed'] and not s['fail']:
+        ours += f' ({s["failed"]} of {s["n"]} failed)'
+      if s['fail']:
+        reasons = {r.outcome.get('reason', '') for r in rs if r.outcome.get('status') == 'diverged'}
+        if reasons:
+          ours += ' (diverged)'
+      diff = '–'
+      if not s['fail'] and s['median'] is not None and paper_err not in ('fail', '–'):
+        diff = f'{s["median"] - paper["error"]:+.2f}'
+      depth = c['model']['depth']
+      parts.append(f'| {row} | {c["model"]["unit"]} | {depth} | {ours} | {_fmt(s["std"])} '
+                   f'| {s["n"]} | {paper_err} | {diff} |')
+    parts.append('')
+  return '\n'.join(parts)
+
+
+def write(paths, out) -> str:
+  """Loads the runs below ``paths``, writes OUT/report.md and OUT/curves_*.png."""
+  from preact import plots
+  runs = [load_run(w) for w in find_runs(paths)]
+  if not runs:
+    from preact.errors import UserError
+    raise UserError(f'no runs (directories with config.json) under {", ".join(map(str, paths))}')
+  out = epath.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  text = '# Results\n\n' + markdown(runs)
+  figures = []
+  for table, rows in tables(runs).items():
+    name = 'curves_' + ''.join(ch if ch.isalnum() else '_' for ch in table).strip('_') + '.png'
+    plots.training_curves(rows, table, out / name)
+    figures.append(name)
+  text += '\n' + '\n'.join(f'![{f}]({f})' for f in figures) + '\n'
+  (out / 'report.md').write_text(text)
+  return text
