@@ -51,11 +51,17 @@ class RunResult:
 def find_runs(paths) -> list[str]:
   """Run directories (holding config.json) among ``paths`` and below them."""
   found = []
-  for p in map(epath.Path, paths):
+
+  def walk(p, depth):
     if (p / 'config.json').exists():
       found.append(str(p))
-    elif p.is_dir():
-      found.extend(str(c.parent) for c in sorted(p.glob('**/config.json')))
+    elif depth and p.is_dir():  # epath has no recursive glob (it would be slow on GCS)
+      for child in sorted(p.iterdir()):
+        if child.is_dir() and child.name not in ('checkpoints', 'tensorboard'):
+          walk(child, depth - 1)
+
+  for p in map(epath.Path, paths):
+    walk(p, 6)
   return list(OrderedDict.fromkeys(found))
 
 

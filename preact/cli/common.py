@@ -108,7 +108,10 @@ def run(main_fn):
     except (flags.Error, UserError, AttributeError, KeyError, ValueError, TypeError,
             OSError) as e:
       text = one_line(e)
-      if isinstance(e, OSError):  # the --config file itself did not load
+      if 'Traceback' in str(e):  # get_config() raised: its own message says what is wrong
+        last = [l for l in str(e).strip().splitlines() if l.strip()][-1]
+        text = 'cannot load --config: ' + re.sub(r'^\w+(Error|Exception): ', '', last.strip())
+      elif isinstance(e, OSError):  # the --config file itself did not load
         text = f'cannot load --config: {text}'
       elif isinstance(e, (AttributeError, KeyError)):
         # ml_collections reports an unknown --config.key this way, naming the key.

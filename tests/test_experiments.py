@@ -1,0 +1,248 @@
+"""The paper's tables as configs, the report against the paper, sweeps and launchers."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import REPO, run_cli
+from preact import config as config_lib, launchers, models, report, train
+from preact.errors import UserError
+
+TABLES = ('table1', 'table2', 'table3', 'table4', 'table5')
+
+
+def load(table):
+  spec = importlib.util.spec_from_file_location(table, REPO / 'experiments' / f'{table}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def all_rows():
+  """(table, arg) for every row the paper reports, at each depth it reports."""
+  out = []
+  for table in TABLES:
+    m = load(table)
+    for name, row in m.ROWS.items():
+      if isinstance(row.error, dict):
+        out.extend((table, f'{name},depth={d}') for d in row.error)
+      else:
+        out.append((table, name))
+  return out
+
+
+def test_every_paper_row_has_a_config_with_its_published_number():
+  rows = all_rows()
+  assert len(rows) == 10 + 10 + 12 + 5 + 8
+  published = {}
+  for table, arg in rows:
+    c = load(table).get_config(arg)
+    config_lib.validate(c)
+    published[table, arg] = 'fail' if c.paper.fail else c.paper.error
+  # Spot checks against GUIDE.md §4.
+  assert published['table1', 'original'] == 6.61
+  assert published['table1', 'exclusive_gating_b6'] == 8.70
+  assert published['table1', 'dropout_shortcut'] == 'fail'
+  assert published['table2', 'full_preact,depth=164'] == 5.46
+  assert published['table2', 'bn_after_addition,depth=110'] == 8.17
+  assert published['table3', 'c10_1001_original'] == 7.61
+  assert published['table3', 'c100_1001_full_preact'] == 22.71
+  assert published['table4', 'c10_1001_batch64'] == 4.62
+  assert published['table5', 'resnet200_preact_scale_aspect_320'] == 20.1
+
+
+def test_rows_carry_the_papers_settings():
+  t1 = load('table1')
+  c = t1.get_config('constant_scaling_0.5_1,seed=3')
+  assert (c.model.unit, c.model.depth, c.model.bottleneck) == ('constant_scaling', 110, False)
+  assert (c.model.unit_args.scale, c.model.unit_args.branch_scale) == (0.5, 1.0)
+  assert c.seed == 3 and c.optimizer.warmup_steps == 400  # ResNet-110 original: warm-up
+  c = load('table2').get_config('full_preact,depth=110')
+  assert c.optimizer.warmup_steps == 0 and c.total_steps == 64_000
+  assert c.optimizer.boundaries == (32_000, 48_000) and c.optimizer.decay == 'all'
+  c = load('table3').get_config('c10_110_1layer_full_preact')
+  assert c.model.one_layer and c.model.depth == 110
+  c = load('table4').get_config('c100_1001')
+  assert (c.dataset, c.model.depth, c.model.bottleneck) == ('cifar100', 1001, True)
+  assert c.optimizer.warmup_steps == 400
+  c = load('table5').get_config('resnet152_original_320')
+  assert (c.model.arch, c.augment.eval_crop, c.augment.eval_resize) == ('imagenet', 320, 320)
+  assert c.paper.error_top5 == 5.5 and c.optimizer.boundaries[0] == 30 * 5005
+  # The real networks of the rows build at their real depths.
+  m = train.build_model(load('table4').get_config('c10_1001'), 10)
+  assert models.count_params(models.init_shapes(m, (32, 32, 3))['params']) == 10_327_706
+
+
+@pytest.mark.parametrize('arg,match', [
+    ('nope', "unknown row 'nope'; rows: original, constant_scaling_0.5_1"),
+    ('original,depth=56', 'no published result at depth 56'),
+    ('original,colour=red', 'unknown option'),
+])
+def test_bad_rows_say_which_rows_exist(arg, match):
+  with pytest.raises(ValueError, match=match):
+    load('table2' if 'depth' in arg else 'table1').get_config(arg)
+
+
+def test_bad_row_on_the_command_line_exits_2(tmp_path):
+  proc = run_cli('train', '--config=experiments/table1.py:nope', f'--workdir={tmp_path}')
+  assert proc.returncode == 2
+  assert "preact-train: error: cannot load --config: unknown row 'nope'" in proc.stderr
+
+
+def _shrunk(c):
+  """The row's config on a network small enough to train in a test: same unit, shortcut
+  parameters, block form, dataset and recipe; fewest units per stage; tiny images."""
+  c.model.depth = 50 if c.model.arch == 'imagenet' else (
+      11 if c.model.bottleneck else 5 if c.model.one_layer else 8)
+  c.batch_size = c.eval_batch_size = 8
+  c.total_steps, c.log_every = 2, 1
+  c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, 1)
+  c.augment.image_size = 32
+  c.augment.scale_range = (32, 40)
+  c.augment.eval_resize = c.augment.eval_crop = 32 if c.augment.eval_crop == 224 else 40
+  return c
+
+
+def _distinct_rows():
+  seen, out = set(), []
+  for table, arg in all_rows():
+    c = _shrunk(load(table).get_config(arg))
+    key = json.dumps({k: v for k, v in c.to_dict().items() if k != 'paper'},
+                     sort_keys=True, default=list)
+    if key not in seen:
+      seen.add(key)
+      out.append((table, arg))
+  return out
+
+
+@pytest.mark.parametrize('table,arg', _distinct_rows())
+def test_every_row_trains_a_few_steps_and_evaluates(tmp_path, table, arg):
+  c = _shrunk(load(table).get_config(arg))
+  with tfds.testing.mock_data(num_examples=16):
+    out = train.train_and_evaluate(c, tmp_path, devices=jax.devices()[:1])
+    assert out['status'] == 'completed' and out['step'] == 2
+    result = train.evaluate_checkpoint(tmp_path, devices=jax.devices()[:1])
+  assert result['examples'] == 16 and 0.0 <= result['error'] <= 1.0
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert rows[-1]['step'] == 2 and 'test_error' in rows[-1]
+
+
+def test_mini_setting_is_fashion_mnist_at_small_scale():
+  c = load('table2').get_config('original,depth=164,mini')
+  assert (c.dataset, c.model.depth, c.model.bottleneck, c.paper.mini) == \
+      ('fashion_mnist', 20, True, True)
+  assert c.paper.error == 5.93 and c.total_steps == 300
+  c = load('table1').get_config('constant_scaling_0.5_0.5,mini,seed=1')
+  assert (c.model.depth, c.model.bottleneck, c.seed) == (20, False, 1)
+
+
+# --------------------------------------------------------------------------------------
+# The report.
+
+def _fake_run(path, table, row, seed, errors, status='completed', unit='full_preact',
+              paper=5.46, fail=False):
+  """A run directory as the trainer writes it."""
+  c = config_lib.base()
+  c.seed, c.model.unit = seed, unit
+  c.paper.table, c.paper.row, c.paper.error, c.paper.fail = table, row, paper, fail
+  path.mkdir(parents=True)
+  (path / 'config.json').write_text(config_lib.to_json(c))
+  lines = [{'step': 100 * (i + 1), 'train_loss': 1.0 / (i + 1), 'train_error': 0.5,
+            'test_error': e} for i, e in enumerate(errors)]
+  (path / 'metrics.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+  (path / 'outcome.json').write_text(json.dumps({'status': status, 'step': 100 * len(errors),
+                                                 'reason': 'x' if status != 'completed' else ''}))
+
+
+def test_report_takes_medians_and_marks_failures(tmp_path):
+  for seed, final in enumerate((0.060, 0.055, 0.050)):
+    _fake_run(tmp_path / f'fp/seed{seed}', 'table2', 'full_preact@164', seed, [0.2, final])
+  _fake_run(tmp_path / 'ds/seed0', 'table1', 'dropout_shortcut', 0, [0.9, 0.85],
+            unit='dropout_shortcut', paper=-1, fail=True)
+  _fake_run(tmp_path / 'cs/seed0', 'table1', 'constant_scaling_0.5_0.5', 0, [0.3],
+            status='diverged', unit='constant_scaling', paper=12.35)
+  text = report.write([tmp_path], tmp_path / 'out')
+  assert '| full_preact@164 | full_preact | 164 | 5.50 | 0.41 | 3 | 5.46 | +0.04 |' in text
+  assert '| dropout_shortcut | dropout_shortcut | 164 | fail | – | 1 | fail | – |' in text
+  assert '| constant_scaling_0.5_0.5 | constant_scaling | 164 | fail (diverged) |' in text
+  assert (tmp_path / 'out' / 'report.md').read_text().startswith('# Results')
+  for name in ('curves_table2.png', 'curves_table1.png'):
+    assert (tmp_path / 'out' / name).read_bytes()[:4] == b'\x89PNG'
+
+
+def test_report_of_no_runs_is_a_user_error(tmp_path):
+  with pytest.raises(UserError, match='no runs'):
+    report.write([tmp_path], tmp_path / 'out')
+
+
+# --------------------------------------------------------------------------------------
+# Launchers and sweeps: the exact commands.
+
+def test_tpu_pod_commands():
+  cmds = launchers.tpu_commands('all', 'pod', 'us-central2-b', 'experiments/table4.py:c10_1001',
+                                'gs://b/r', accelerator='v4-32', repo='https://x/preact.git',
+                                extra=['--config.seed=2'])
+  text = [' '.join(c) for c in cmds]
+  assert text[0] == ('gcloud compute tpus tpu-vm create pod --zone=us-central2-b '
+                     '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base')
+  assert '--worker=all' in cmds[1] and 'launch/setup.sh' in cmds[1][-1]
+  assert cmds[2][-1] == ('--command=cd preact && .venv/bin/preact-train '
+                         '--config=experiments/table4.py:c10_1001 --workdir=gs://b/r '
+                         '--config.seed=2 --config.distributed=True')
+  assert text[3] == 'gcloud storage cp -r gs://b/r results'
+  assert text[4] == 'gcloud compute tpus tpu-vm delete pod --zone=us-central2-b --quiet'
+  with pytest.raises(ValueError, match='needs --repo'):
+    launchers.tpu_commands('setup', 'pod', 'z')
+
+
+def test_launch_scripts_dry_run_print_the_commands():
+  def script(name, *args):
+    return subprocess.run([sys.executable, f'launch/{name}', '--dry-run', *args], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout.strip()
+  out = script('gpu_host.py', '--config=experiments/table2.py:full_preact,depth=164',
+               '--workdir=runs/x', '--host=gpu7', '--gpus=0,1', '--', '--config.seed=1')
+  assert out == ("ssh gpu7 'cd preact && CUDA_VISIBLE_DEVICES=0,1 .venv/bin/preact-train "
+                 "--config=experiments/table2.py:full_preact,depth=164 "
+                 "--workdir=runs/x --config.seed=1'")
+  out = script('slurm.py', '--config=experiments/table4.py:c10_1001', '--workdir=/s/r',
+               '--nodes=2', '--gpus_per_node=8')
+  assert '#SBATCH --nodes=2' in out and '#SBATCH --gpus-per-node=8' in out
+  assert 'srun .venv/bin/preact-train --config=experiments/table4.py:c10_1001 ' \
+         '--workdir=/s/r --config.distributed=True' in out
+  assert out.endswith('sbatch preact.sbatch')
+  out = script('tpu_pod.py', 'delete', '--name=p', '--zone=z')
+  assert out == 'gcloud compute tpus tpu-vm delete p --zone=z --quiet'
+
+
+def test_sweep_commands():
+  local = launchers.sweep_commands('experiments/table1.py:original', 'runs/t1', [0, 1])
+  assert local[1] == ['.venv/bin/preact-train', '--config=experiments/table1.py:original',
+                      '--workdir=runs/t1/seed1', '--config.seed=1']
+  remote = launchers.sweep_commands('e.py', 'runs/t', [0, 1, 2], hosts=['a', 'b'])
+  assert [c[1] for c in remote] == ['a', 'b', 'a']
+  proc = run_cli('sweep', '--config=experiments/table1.py:original', '--workdir=runs/t1',
+                 '--seeds=3,4', '--hosts=h1', '--dry_run', check=True)
+  assert proc.stdout.splitlines() == [
+      "ssh h1 'cd preact && .venv/bin/preact-train --config=experiments/table1.py:original "
+      "--workdir=runs/t1/seed3 --config.seed=3'",
+      "ssh h1 'cd preact && .venv/bin/preact-train --config=experiments/table1.py:original "
+      "--workdir=runs/t1/seed4 --config.seed=4'"]
+
+
+def test_sweep_runs_seeds_and_report_renders_real_runs(tmp_path, fmnist_dir):
+  proc = run_cli('sweep', '--config=experiments/table1.py:original,mini', f'--workdir={tmp_path}',
+                 '--seeds=0,1', '--', f'--config.data_dir={fmnist_dir}',
+                 '--config.total_steps=4', '--config.eval_every=4', '--config.model.depth=8',
+                 '--config.progress=log', timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for seed in (0, 1):
+    assert json.loads((tmp_path / f'seed{seed}' / 'outcome.json').read_text())['step'] == 4
+  text = run_cli('report', str(tmp_path), f'--out={tmp_path / "report"}', check=True).stdout
+  assert '### table1 (mini)' in text and '| original | original | 8 |' in text
+  assert '| 2 | 6.61 |' in text
