@@ -8,6 +8,8 @@ restore would read; the manager ignores the unfinished directory.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -17,11 +19,17 @@ from flax import serialization
 from preact.errors import UserError
 
 
+def absolute(path) -> str:
+  path = str(path)
+  return path if '://' in path else os.path.abspath(path)
+
+
 class Checkpoints:
   """Saves and restores {'state': train state, 'meta': JSON} under workdir/checkpoints."""
 
   def __init__(self, workdir, keep: int = 3, asynchronous: bool = True):
-    self.directory = epath.Path(workdir) / 'checkpoints'
+    # orbax wants absolute paths; a relative local workdir is relative to the cwd.
+    self.directory = epath.Path(absolute(workdir)) / 'checkpoints'
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -236,7 +237,9 @@ def test_sweep_commands():
 
 
 def test_sweep_runs_seeds_and_report_renders_real_runs(tmp_path, fmnist_dir):
-  proc = run_cli('sweep', '--config=experiments/table1.py:original,mini', f'--workdir={tmp_path}',
+  # A relative workdir (orbax itself needs absolute paths; preact resolves them).
+  relative = os.path.relpath(tmp_path, REPO)
+  proc = run_cli('sweep', '--config=experiments/table1.py:original,mini', f'--workdir={relative}',
                  '--seeds=0,1', '--', f'--config.data_dir={fmnist_dir}',
                  '--config.total_steps=4', '--config.eval_every=4', '--config.model.depth=8',
                  '--config.progress=log', timeout=900)
