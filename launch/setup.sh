@@ -5,11 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${PREACT_EXTRAS:-test}
+EXTRAS=${PREACT_EXTRAS:-test,bench}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import preact, flax, tensorflow_datasets, pytest, xdist' 2>/dev/null \
+if ! .venv/bin/python -c 'import preact, flax, tensorflow_datasets, pytest, xdist, torch' 2>/dev/null \
     || [ setup.cfg -nt .venv/.preact-installed ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[$EXTRAS]"

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from preact import layers
-from preact.units import BRANCHES, ResidualUnit, get_unit
+from preact.units import ResidualUnit, get_unit
 
 # Collections stacked along the scan axis: one slice per unit.
 _SCANNED = {'params': 0, 'batch_stats': 0, 'perturbations': 0, 'intermediates': 0}

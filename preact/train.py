@@ -8,7 +8,6 @@ function (:func:`make_train_step`) mapped over devices by :mod:`preact.parallel`
 
 from __future__ import annotations
 
-import functools
 import json
 import queue
 import signal

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -151,11 +151,6 @@ UNITS: dict[str, UnitDef] = {
     'conv_shortcut': UnitDef('original', project_always=True),
     'dropout_shortcut': UnitDef('original', DropoutShortcut, {'rate': 0.5}),
 }
-
-# Shortcut variants evaluated in paper Table 1 (all on the original unit).
-SHORTCUT_VARIANTS = ('original', 'constant_scaling', 'exclusive_gating',
-                     'shortcut_only_gating', 'conv_shortcut', 'dropout_shortcut')
-
 
 def get_unit(name: str, args: dict | None = None) -> tuple[UnitDef, dict]:
   """Looks up a unit variant and validates its arguments; returns (def, full args)."""

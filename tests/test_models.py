@@ -96,7 +96,7 @@ def test_dropout_shortcut_in_training_drops_whole_shortcut_entries_unscaled():
   x = jax.random.normal(jax.random.key(1), (8, 6, 6, 4))
   unit = _unit('dropout_shortcut')
   v = unit.init(jax.random.key(0), x, False)
-  P, S = v['params'], v['batch_stats']
+  P = v['params']
   out, _ = unit.apply(v, x, True, rngs={'dropout': jax.random.key(5)}, mutable=['batch_stats'])
   # Recompute F with the batch statistics this call used.
   def bn_train(p, y):

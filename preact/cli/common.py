@@ -63,6 +63,12 @@ def main(tool: str):
   return wrap
 
 
+def no_arguments(argv):
+  """The mains take flags only; a stray word is most likely a flag missing its --."""
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments {" ".join(argv[1:])} (flags start with --)')
+
+
 def one_line(e: BaseException) -> str:
   text = str(e).replace("\\'", "'").replace('\\n', ' ').replace('\n', ' ').strip(' "')
   text = re.sub(r"^'+([^']*)'+", r'\1', text).rstrip("'")  # KeyError's quoting

@@ -22,8 +22,7 @@ common.define_distributed_flags()
 
 @common.main('preact-eval')
 def main(argv):
-  if len(argv) > 1:
-    raise common.UserError(f'unexpected arguments {" ".join(argv[1:])}')
+  common.no_arguments(argv)
   if not _WORKDIR.value:
     raise common.UserError('--workdir is required: the directory of a preact-train run')
   common.init_distributed(False)

@@ -37,8 +37,7 @@ _OUT = flags.DEFINE_string('out', None, 'Output directory.')
 
 @common.main('preact-probe')
 def main(argv):
-  if len(argv) > 1:
-    raise common.UserError(f'unexpected arguments {" ".join(argv[1:])}')
+  common.no_arguments(argv)
   if not _OUT.value:
     raise common.UserError('--out is required: the directory for probe.json and the plots')
   if _BATCH.value < 1:

@@ -22,8 +22,7 @@ common.define_distributed_flags()
 
 @common.main('preact-train')
 def main(argv):
-  if len(argv) > 1:
-    raise common.UserError(f'unexpected arguments {" ".join(argv[1:])}')
+  common.no_arguments(argv)
   config = common.load_config(_CONFIG)
   if config is None or not _WORKDIR.value:
     raise common.UserError('--config and --workdir are required, e.g. '

@@ -1,0 +1,178 @@
+"""Benchmarks: the real train step on synthetic data, beside a PyTorch reference.
+
+Everything here runs without TensorFlow. Figures worth quoting are ratios measured in
+one run (ours / PyTorch, ResNet-1001 / ResNet-164): absolute times on shared machines
+are noise.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from preact import config as config_lib, models, parallel, train
+
+
+def build_model(depth=164, bottleneck=True, unit='full_preact', dtype='float32', scan=True,
+                remat=False, cpu_conv='auto', num_classes=10, one_layer=False):
+  c = config_lib.base()
+  c.model.depth, c.model.bottleneck, c.model.unit, c.model.one_layer = (depth, bottleneck,
+                                                                        unit, one_layer)
+  c.model.dtype, c.model.scan, c.model.remat, c.model.cpu_conv = dtype, scan, remat, cpu_conv
+  return train.build_model(c, num_classes)
+
+
+def _median_time(fn, steps):
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def matmul_peak(dtype='float32', n=2048, reps=5) -> float:
+  """FLOP/s of a large square matmul on the first device: the peak MFU is relative to."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  return 2 * n ** 3 / _median_time(lambda: f(a), reps)
+
+
+def _memory(compiled) -> float | None:
+  """Bytes XLA plans for one call: arguments, outputs and temporaries, less aliasing."""
+  try:
+    m = compiled.memory_analysis()
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                 - m.alias_size_in_bytes)
+  except Exception:  # noqa: BLE001 — not every backend reports it
+    return None
+
+
+def bench_train(model, batch=128, image_shape=(32, 32, 3), steps=10, warmup=2,
+                parallelism='none', peak_flops=None) -> dict:
+  """Compile time, step time, images/s, memory and MFU of the full train step (forward,
+  backward, SGD with momentum and weight decay) on random uint8 images."""
+  o = config_lib.base().optimizer
+  tx = train.make_optimizer(o, 64_000)
+  step = train.make_train_step(model, tx, [120.0] * image_shape[-1], [64.0] * image_shape[-1],
+                               seed=0)
+  rng = np.random.default_rng(0)
+  host = {'image': rng.integers(0, 256, (batch, *image_shape), dtype=np.uint8),
+          'label': rng.integers(0, 10, (batch,), dtype=np.int32)}
+  if parallelism == 'none':  # one device, no collectives: the step alone
+    devices = jax.devices()[:1]
+    replicas = parallel.Replicas('shard_map', devices)
+  else:
+    replicas = parallel.Replicas(parallelism)
+  state = train.init_state(model, tx, 0, image_shape, replicas.replicated)
+  data = replicas.put_batch(host)
+  mapped = replicas.map(step)
+  t = time.perf_counter()
+  compiled = mapped.lower(state, data).compile()
+  compile_s = time.perf_counter() - t
+  holder = [state]
+
+  def one():
+    holder[0], metrics = compiled(holder[0], data)
+    return metrics
+
+  for _ in range(warmup):
+    jax.block_until_ready(one())
+  step_s = _median_time(one, steps)
+  params, fwd_flops = models.size_and_flops(model, image_shape)
+  train_flops = 3 * fwd_flops * batch  # forward + backward (≈ 2× forward)
+  out = dict(depth=None, params=params, batch=batch, dtype=str(jnp.dtype(model.dtype)),
+             scan=model.scan, remat=model.remat, parallelism=parallelism,
+             devices=replicas.count, compile_s=compile_s, step_ms=1e3 * step_s,
+             images_per_s=batch / step_s, flops_per_image=fwd_flops,
+             achieved_tflops=train_flops / step_s / 1e12,
+             peak_mem_gb=(_memory(compiled) or float('nan')) / 2**30,
+             rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+             backend=jax.default_backend(), device=str(jax.devices()[0].device_kind))
+  if peak_flops:
+    out['matmul_peak_tflops'] = peak_flops / 1e12
+    out['mfu'] = train_flops / step_s / peak_flops
+  return out
+
+
+def bench_eval(model, batch=500, image_shape=(32, 32, 3), steps=5) -> float:
+  """Images/s of the evaluation forward pass."""
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      models.init_key(0), jnp.zeros((1, *image_shape)))
+  variables = {k: variables[k] for k in ('params', 'batch_stats')}
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(batch, *image_shape)), jnp.float32)
+  f = jax.jit(functools.partial(model.apply, train=False))
+  jax.block_until_ready(f(variables, x))
+  return batch / _median_time(lambda: f(variables, x), steps)
+
+
+def compile_times(depths=(164, 1001), bottleneck=True, batch=128, dtype='float32',
+                  scan=True, remat=False) -> dict:
+  """The train step's compile time at each depth (ahead-of-time lower + compile)."""
+  out = {}
+  for depth in depths:
+    model = build_model(depth, bottleneck, dtype=dtype, scan=scan, remat=remat)
+    o = config_lib.base().optimizer
+    tx = train.make_optimizer(o, 64_000)
+    step = train.make_train_step(model, tx, [120.0] * 3, [64.0] * 3, seed=0)
+    replicas = parallel.Replicas('shard_map', jax.devices()[:1])
+    state = jax.eval_shape(lambda m=model: train.init_state(m, tx, 0, (32, 32, 3)))
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                        sharding=replicas.replicated), state)
+    data = {'image': jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.uint8,
+                                          sharding=replicas.sharded),
+            'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicas.sharded)}
+    t = time.perf_counter()
+    replicas.map(step).lower(state, data).compile()
+    out[depth] = time.perf_counter() - t
+  return out
+
+
+def pipeline_images_per_s(images: np.ndarray, labels: np.ndarray, batch=128, padding=4,
+                          steps=50) -> float:
+  """Host images/s of the in-memory pipeline (sampling, crop, flip) on these arrays."""
+  from preact import data
+  d = data.InMemory.__new__(data.InMemory)  # the arrays are given: no TFDS
+  d.name, d.batch_size, d.seed, d.padding, d.flip = 'bench', batch, 0, padding, True
+  d.process_index, d.process_count, d.local = 0, 1, batch
+  d.images, d.labels = images, labels
+  d.batch(0)
+  t = time.perf_counter()
+  for s in range(1, steps + 1):
+    d.batch(s)
+  return batch * steps / (time.perf_counter() - t)
+
+
+def torch_reference(depth=164, bottleneck=True, unit='full_preact', batch=128,
+                    image_shape=(32, 32, 3), steps=10, warmup=2, expect_params=None,
+                    dtype='float32', timeout=1800) -> dict | None:
+  """The PyTorch reference, run as a child process (None when torch is absent)."""
+  try:
+    import importlib.util
+    if importlib.util.find_spec('torch') is None:
+      return None
+  except ImportError:
+    return None
+  cmd = [sys.executable, '-m', 'preact.bench_torch', f'--depth={depth}', f'--unit={unit}',
+         f'--batch={batch}', f'--image_shape={",".join(map(str, image_shape))}',
+         f'--steps={steps}', f'--warmup={warmup}', f'--dtype={dtype}']
+  if bottleneck:
+    cmd.append('--bottleneck')
+  if expect_params is not None:
+    cmd.append(f'--expect_params={expect_params}')
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  if proc.returncode:
+    raise RuntimeError(f'PyTorch reference failed:\n{proc.stderr[-2000:]}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])

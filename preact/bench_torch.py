@@ -1,0 +1,122 @@
+"""The PyTorch reference of preact-bench: the same CIFAR ResNets, built from the same
+placement table (so the same parameter count, which is asserted), the same batch and
+input shape, SGD with Nesterov momentum and weight decay. Prints one JSON line.
+
+  python -m preact.bench_torch --depth=164 --bottleneck --batch=128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from preact.units import BRANCHES, PLACEMENTS
+
+
+def _ops(names, channels):
+  return [nn.BatchNorm2d(channels) if op == 'bn' else nn.ReLU() for op in names]
+
+
+class Unit(nn.Module):
+  def __init__(self, placement, cin, cout, stride, branch, project):
+    super().__init__()
+    p = PLACEMENTS[placement]
+    self.before = nn.Sequential(*_ops(p.before, cin))
+    layers, c = [], cin
+    for i, (k, div) in enumerate(BRANCHES[branch]):
+      if i:
+        layers += _ops(('bn', 'relu'), c)
+      layers.append(nn.Conv2d(c, cout // div, k, stride if i == 0 else 1, k // 2, bias=False))
+      c = cout // div
+    self.branch = nn.Sequential(*layers, *_ops(p.after_branch, cout))
+    self.proj = None
+    if project:
+      self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                *([nn.BatchNorm2d(cout)] if p.normalized_branch else []))
+    self.after = nn.Sequential(*_ops(p.after_add, cout))
+
+  def forward(self, x):
+    y = self.before(x)
+    h = x if self.proj is None else self.proj(y)
+    return self.after(h + self.branch(y))
+
+
+def cifar_resnet(depth, unit='full_preact', bottleneck=False, channels=3, classes=10):
+  branch = 'bottleneck' if bottleneck else 'basic'
+  n = (depth - 2) // (9 if bottleneck else 6)
+  widths = (64, 128, 256) if bottleneck else (16, 32, 64)
+  p = PLACEMENTS[unit]
+  layers = [nn.Conv2d(channels, 16, 3, 1, 1, bias=False)]
+  if not p.preactivated_input:
+    layers += _ops(('bn', 'relu'), 16)
+  cin = 16
+  for width, stride in zip(widths, (1, 2, 2)):
+    for j in range(n):
+      s = stride if j == 0 else 1
+      layers.append(Unit(unit, cin, width, s, branch, project=s != 1 or cin != width))
+      cin = width
+  if p.raw_output:
+    layers += _ops(('bn', 'relu'), cin)
+  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+  return nn.Sequential(*layers)
+
+
+def main():
+  a = argparse.ArgumentParser()
+  a.add_argument('--depth', type=int, default=164)
+  a.add_argument('--unit', default='full_preact', choices=list(PLACEMENTS))
+  a.add_argument('--bottleneck', action='store_true')
+  a.add_argument('--batch', type=int, default=128)
+  a.add_argument('--image_shape', default='32,32,3')
+  a.add_argument('--steps', type=int, default=10)
+  a.add_argument('--warmup', type=int, default=2)
+  a.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  a.add_argument('--expect_params', type=int, default=None)
+  a.add_argument('--channels_last', type=int, default=1)
+  args = a.parse_args()
+  torch.set_num_threads(os.cpu_count())
+  h, w, c = map(int, args.image_shape.split(','))
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  model = cifar_resnet(args.depth, args.unit, args.bottleneck, c).to(device)
+  params = sum(p.numel() for p in model.parameters())
+  if args.expect_params is not None:
+    assert params == args.expect_params, f'PyTorch net has {params} params, ours {args.expect_params}'
+  fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+  model = model.to(memory_format=fmt)
+  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                        weight_decay=1e-4)
+  x = torch.randn(args.batch, c, h, w, device=device).to(memory_format=fmt)
+  y = torch.randint(0, 10, (args.batch,), device=device)
+  loss_fn = nn.CrossEntropyLoss()
+
+  def step():
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16'):
+      loss = loss_fn(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if device == 'cuda':
+      torch.cuda.synchronize()
+
+  for _ in range(args.warmup):
+    step()
+  times = []
+  for _ in range(args.steps):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  s = statistics.median(times)
+  print(json.dumps(dict(framework='pytorch', version=torch.__version__, params=params,
+                        batch=args.batch, dtype=args.dtype, step_ms=1e3 * s,
+                        images_per_s=args.batch / s, device=device,
+                        threads=torch.get_num_threads())))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,136 @@
+"""preact-bench: the train step's speed, memory and MFU, beside PyTorch; no TensorFlow.
+
+  preact-bench --depth=164 --bottleneck --batch=128 --dtype=float32 --json
+  preact-bench --depth=164 --bottleneck --torch        # + the PyTorch reference, ratio
+  preact-bench --mode=compile                          # ResNet-164 vs ResNet-1001 compile
+  preact-bench --mode=sweep                            # depths × scan, remat memory
+  preact-bench --mode=pipeline                         # input pipeline vs train step
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+
+from preact.cli import common
+
+_MODE = flags.DEFINE_enum('mode', 'step', ['step', 'compile', 'sweep', 'pipeline'],
+                          'What to measure.')
+_DEPTH = flags.DEFINE_integer('depth', 164, 'CIFAR depth.')
+_BOTTLENECK = flags.DEFINE_bool('bottleneck', True, 'Bottleneck units.')
+_UNIT = flags.DEFINE_string('unit', 'full_preact', 'Unit variant.')
+_BATCH = flags.DEFINE_integer('batch', 128, 'Global batch.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Computation dtype.')
+_SCAN = flags.DEFINE_bool('scan', True, 'Scan identical units.')
+_REMAT = flags.DEFINE_bool('remat', False, 'Rematerialize units.')
+_CPU_CONV = flags.DEFINE_enum('cpu_conv', 'auto', ['auto', 'on', 'off'],
+                              'XLA:CPU conv formulations.')
+_PAR = flags.DEFINE_enum('parallelism', 'none', ['none', 'pmap', 'shard_map'],
+                         'none: one device, the step alone.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (median).')
+_TORCH = flags.DEFINE_bool('torch', False, 'Also run the PyTorch reference (needs torch).')
+_DEPTHS = flags.DEFINE_list('depths', None, 'Depths for --mode=compile/sweep.')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
+
+
+@common.main('preact-bench')
+def main(argv):
+  common.no_arguments(argv)
+  from preact import bench
+  out = {'compile': _compile, 'sweep': _sweep, 'pipeline': _pipeline,
+         'step': _step}[_MODE.value](bench)
+  print(json.dumps(out) if _JSON.value else _table(out), flush=True)
+
+
+def _model(bench, depth=None, bottleneck=None, **kw):
+  depth = depth or _DEPTH.value
+  bottleneck = _BOTTLENECK.value if bottleneck is None else bottleneck
+  args = dict(unit=_UNIT.value, dtype=_DTYPE.value, scan=_SCAN.value, remat=_REMAT.value,
+              cpu_conv=_CPU_CONV.value)
+  args.update(kw)
+  try:
+    return bench.build_model(depth, bottleneck, **args)
+  except common.UserError:
+    raise
+  except ValueError as e:
+    raise common.UserError(str(e)) from None
+
+
+def _step(bench):
+  model = _model(bench)
+  peak = bench.matmul_peak(_DTYPE.value)
+  ours = bench.bench_train(model, _BATCH.value, steps=_STEPS.value,
+                           parallelism=_PAR.value, peak_flops=peak)
+  ours.update(depth=_DEPTH.value, unit=_UNIT.value,
+              eval_images_per_s=bench.bench_eval(model, image_shape=(32, 32, 3)))
+  if _TORCH.value:
+    ref = bench.torch_reference(_DEPTH.value, _BOTTLENECK.value, _UNIT.value, _BATCH.value,
+                                steps=_STEPS.value, expect_params=ours['params'],
+                                dtype=_DTYPE.value)
+    if ref is None:
+      raise common.UserError('--torch needs PyTorch: pip install -e ".[bench]"')
+    ours['torch'] = ref
+    ours['ratio_vs_torch'] = ours['images_per_s'] / ref['images_per_s']
+  return ours
+
+
+def _compile(bench):
+  depths = [int(d) for d in (_DEPTHS.value or [164, 1001])]
+  times = bench.compile_times(depths, _BOTTLENECK.value, _BATCH.value, _DTYPE.value,
+                              _SCAN.value, _REMAT.value)
+  out = {'compile_s': {str(d): t for d, t in times.items()}, 'scan': _SCAN.value}
+  if len(depths) == 2:
+    out['ratio'] = times[depths[1]] / times[depths[0]]
+  return out
+
+
+def _sweep(bench):
+  from preact.probes import paper_bottleneck
+  depths = [int(d) for d in (_DEPTHS.value or [20, 56, 110, 164, 1001])]
+  rows = []
+  for depth in depths:
+    bottleneck = paper_bottleneck(depth)
+    for scan in (True, False):
+      if not scan and depth > 164:
+        continue  # unrolled 1001 compiles for many minutes; that is the point of scan
+      r = bench.bench_train(_model(bench, depth, bottleneck, scan=scan), _BATCH.value,
+                            steps=max(2, _STEPS.value // 3))
+      rows.append(dict(depth=depth, bottleneck=bottleneck, scan=scan, remat=False,
+                       compile_s=r['compile_s'], step_ms=r['step_ms'],
+                       peak_mem_gb=r['peak_mem_gb']))
+    r = bench.bench_train(_model(bench, depth, bottleneck, scan=True, remat=True),
+                          _BATCH.value, steps=max(2, _STEPS.value // 3))
+    rows.append(dict(depth=depth, bottleneck=bottleneck, scan=True, remat=True,
+                     compile_s=r['compile_s'], step_ms=r['step_ms'],
+                     peak_mem_gb=r['peak_mem_gb']))
+  return {'sweep': rows}
+
+
+def _pipeline(bench):
+  import numpy as np
+  rng = np.random.default_rng(0)
+  cifar = rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8)
+  fmnist = rng.integers(0, 256, (60_000, 28, 28, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, 60_000).astype(np.int32)
+  step = bench.bench_train(_model(bench), _BATCH.value, steps=_STEPS.value)
+  pipe_cifar = bench.pipeline_images_per_s(cifar, labels[:50_000], _BATCH.value, 4)
+  pipe_fmnist = bench.pipeline_images_per_s(fmnist, labels, _BATCH.value, 0)
+  return dict(train_images_per_s=step['images_per_s'], depth=_DEPTH.value,
+              pipeline_cifar_images_per_s=pipe_cifar,
+              pipeline_fashion_mnist_images_per_s=pipe_fmnist,
+              ratio_cifar=pipe_cifar / step['images_per_s'],
+              ratio_fashion_mnist=pipe_fmnist / step['images_per_s'])
+
+
+def _table(out):
+  return '\n'.join(f'{k:<28} {v:.4g}' if isinstance(v, float) else f'{k:<28} {v}'
+                   for k, v in out.items())
+
+
+def run():
+  common.run(main)
+
+
+if __name__ == '__main__':
+  run()

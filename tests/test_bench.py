@@ -1,0 +1,49 @@
+"""The benchmark harness: the PyTorch reference is the same network, and the bench
+reports what it promises. (Speed itself is measured by preact-bench, not asserted.)"""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from preact import bench, models, units
+
+
+@pytest.mark.parametrize('placement', list(units.PLACEMENTS))
+def test_pytorch_reference_has_our_parameter_count(placement):
+  torch_ref = pytest.importorskip('preact.bench_torch')
+  for depth, bottleneck in ((20, False), (29, True)):
+    ours = models.count_params(models.init_shapes(
+        models.cifar_resnet(depth, placement, bottleneck=bottleneck), (32, 32, 3))['params'])
+    theirs = sum(p.numel() for p in torch_ref.cifar_resnet(depth, placement,
+                                                           bottleneck).parameters())
+    assert theirs == ours
+
+
+def test_bench_train_reports_speed_memory_and_mfu():
+  model = bench.build_model(8, False)
+  r = bench.bench_train(model, batch=8, steps=2, warmup=1, peak_flops=bench.matmul_peak(n=512))
+  for key in ('images_per_s', 'step_ms', 'compile_s', 'peak_mem_gb', 'mfu', 'flops_per_image'):
+    assert r[key] > 0, key
+  assert r['params'] == 77_850 and r['mfu'] < 1
+  assert r['images_per_s'] == pytest.approx(8 / (r['step_ms'] / 1e3))
+
+
+def test_preact_bench_command_prints_ours_beside_pytorch():
+  pytest.importorskip('torch')
+  out = run_cli('bench', '--depth=8', '--nobottleneck', '--batch=8', '--steps=2', '--torch',
+                '--json', check=True).stdout
+  r = json.loads(out.strip().splitlines()[-1])
+  assert r['torch']['params'] == r['params'] == 77_850
+  assert r['ratio_vs_torch'] == pytest.approx(r['images_per_s'] / r['torch']['images_per_s'])
+  out = run_cli('bench', '--mode=compile', '--depths=8,14', '--nobottleneck', '--batch=8',
+                '--json', check=True).stdout
+  r = json.loads(out.strip().splitlines()[-1])
+  assert set(r['compile_s']) == {'8', '14'} and r['ratio'] > 0
+
+
+def test_pipeline_throughput_is_measured_without_tfds():
+  import numpy as np
+  images = np.zeros((100, 32, 32, 3), np.uint8)
+  labels = np.zeros((100,), np.int32)
+  assert bench.pipeline_images_per_s(images, labels, batch=16, padding=4, steps=3) > 0
