@@ -176,3 +176,83 @@ def torch_reference(depth=164, bottleneck=True, unit='full_preact', batch=128,
   if proc.returncode:
     raise RuntimeError(f'PyTorch reference failed:\n{proc.stderr[-2000:]}')
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def conv_profile(depth=164, bottleneck=True, batch=128, reps=5, torch_too=True) -> list[dict]:
+  """Where the train step's time goes, per convolution shape: forward and forward +
+  both gradients for every distinct conv of the CIFAR net, XLA as autodiff emits it,
+  with preact's XLA:CPU formulation, and PyTorch; times the number of such convs."""
+  from preact import layers
+  from preact.units import BRANCHES
+  n = (depth - 2) // (9 if bottleneck else 6)
+  widths = (64, 128, 256) if bottleneck else (16, 32, 64)
+  shapes = {}  # (h, cin, cout, k, stride) -> count
+
+  def add(key, count=1):
+    shapes[key] = shapes.get(key, 0) + count
+
+  size, cin = 32, 16
+  add((32, 3, 16, 3, 1))
+  for width, stride in zip(widths, (1, 2, 2)):
+    for j in range(n):
+      s = stride if j == 0 else 1
+      c, h = (cin, size) if j == 0 else (width, size // stride)
+      for i, (k, div) in enumerate(BRANCHES['bottleneck' if bottleneck else 'basic']):
+        add((h, c, width // div, k, s if i == 0 else 1))
+        h, c = (h // s if i == 0 else h), width // div
+      if j == 0 and (s != 1 or cin != width):
+        add((size, cin, width, 1, s))
+    size //= stride
+    cin = width
+  rows = []
+  for (h, cin, cout, k, s), count in sorted(shapes.items()):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, h, h, cin)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(k, k, cin, cout)), jnp.float32)
+    pad = ((k // 2, k // 2),) * 2
+    plain = lambda x, w: layers._conv(x, w, (s, s), pad)
+    if k == 1:
+      ours = lambda x, w: jnp.einsum('nhwc,cd->nhwd', x[:, ::s, ::s], w[0, 0])
+    else:
+      ours = lambda x, w: layers.conv_canonical_grads(x, w, (s, s), pad)
+    row = dict(h=h, cin=cin, cout=cout, k=k, stride=s, count=count)
+    for name, f in (('xla', plain), ('preact', ours)):
+      fwd = jax.jit(f)
+      grad = jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w)), argnums=(0, 1)))
+      jax.block_until_ready(fwd(x, w))
+      jax.block_until_ready(grad(x, w))
+      row[f'{name}_fwd_ms'] = 1e3 * _median_time(lambda: fwd(x, w), reps)
+      row[f'{name}_fwd_bwd_ms'] = 1e3 * (_median_time(lambda: grad(x, w), reps) +
+                                         _median_time(lambda: fwd(x, w), reps))
+    if torch_too:
+      row.update(_torch_conv(batch, h, cin, cout, k, s, reps))
+    rows.append(row)
+  return rows
+
+
+def _torch_conv(batch, h, cin, cout, k, s, reps) -> dict:
+  try:
+    import torch
+  except ImportError:
+    return {}
+  torch.set_num_threads(os.cpu_count())
+  x = torch.randn(batch, cin, h, h).to(memory_format=torch.channels_last).requires_grad_()
+  conv = torch.nn.Conv2d(cin, cout, k, s, k // 2, bias=False).to(
+      memory_format=torch.channels_last)
+
+  def fwd():
+    with torch.no_grad():
+      return conv(x)
+
+  def fwd_bwd():
+    conv(x).sum().backward()
+
+  out = {}
+  for name, f in (('torch_fwd_ms', fwd), ('torch_fwd_bwd_ms', fwd_bwd)):
+    f()
+    times = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      f()
+      times.append(time.perf_counter() - t)
+    out[name] = 1e3 * statistics.median(times)
+  return out

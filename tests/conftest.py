@@ -55,3 +55,12 @@ def run_cli(tool: str, *args, devices: int = 1, check=False, timeout=600, **kw):
   if check and proc.returncode:
     raise AssertionError(f'{cmd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
   return proc
+
+
+@pytest.fixture(autouse=True)
+def _fresh_data_cache():
+  """Splits are cached per process; tests mock TFDS with different sizes."""
+  from preact import data
+  data.load_arrays.cache_clear()
+  yield
+  data.load_arrays.cache_clear()

@@ -5,6 +5,7 @@
   preact-bench --mode=compile                          # ResNet-164 vs ResNet-1001 compile
   preact-bench --mode=sweep                            # depths × scan, remat memory
   preact-bench --mode=pipeline                         # input pipeline vs train step
+  preact-bench --mode=ops                              # per-conv profile vs PyTorch
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from absl import flags
 
 from preact.cli import common
 
-_MODE = flags.DEFINE_enum('mode', 'step', ['step', 'compile', 'sweep', 'pipeline'],
+_MODE = flags.DEFINE_enum('mode', 'step', ['step', 'compile', 'sweep', 'pipeline', 'ops'],
                           'What to measure.')
 _DEPTH = flags.DEFINE_integer('depth', 164, 'CIFAR depth.')
 _BOTTLENECK = flags.DEFINE_bool('bottleneck', True, 'Bottleneck units.')
@@ -38,7 +39,7 @@ _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
 def main(argv):
   common.no_arguments(argv)
   from preact import bench
-  out = {'compile': _compile, 'sweep': _sweep, 'pipeline': _pipeline,
+  out = {'compile': _compile, 'sweep': _sweep, 'pipeline': _pipeline, 'ops': _ops,
          'step': _step}[_MODE.value](bench)
   print(json.dumps(out) if _JSON.value else _table(out), flush=True)
 
@@ -121,6 +122,13 @@ def _pipeline(bench):
               pipeline_fashion_mnist_images_per_s=pipe_fmnist,
               ratio_cifar=pipe_cifar / step['images_per_s'],
               ratio_fashion_mnist=pipe_fmnist / step['images_per_s'])
+
+
+def _ops(bench):
+  rows = bench.conv_profile(_DEPTH.value, _BOTTLENECK.value, _BATCH.value, _STEPS.value // 2 or 1)
+  totals = {k: sum(r[k] * r['count'] for r in rows) for k in rows[0]
+            if k.endswith('_ms')}
+  return {'convs': rows, 'total_ms': totals}
 
 
 def _table(out):
