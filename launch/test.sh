@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-.venv/bin/python -m pytest -n 2 -q tests "$@"
+.venv/bin/python -m pytest -n 2 --dist loadfile -q tests "$@"

@@ -290,8 +290,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
     logging.info('resumed from step %d in %s', int(state.step), workdir)
   state = run.replicas.for_step(state)
   start = int(state.step)
-  writer = logs.Writer(workdir, enabled=lead)
   total = config.total_steps
+  if start >= total and (workdir / 'outcome.json').exists():
+    ckpts.close()
+    logging.info('%s already trained to step %d', workdir, start)
+    return json.loads((workdir / 'outcome.json').read_text())  # keep what it recorded
+  writer = logs.Writer(workdir, enabled=lead)
 
   preempted = threading.Event()
   previous = None

@@ -59,6 +59,14 @@ def test_train_writes_its_workdir_and_eval_restores_it(reference):
   assert result['step'] == 6 and result['examples'] == 1000
 
 
+def test_training_a_finished_run_again_changes_nothing(reference, fmnist_dir):
+  before = {p.name: p.read_bytes() for p in reference.iterdir() if p.is_file()}
+  proc = run_cli('train', *tiny(reference, fmnist_dir), check=True)
+  after = {p.name: p.read_bytes() for p in reference.iterdir() if p.is_file()}
+  assert before == after
+  assert 'step 12: test error' in proc.stdout
+
+
 def _wait_for_checkpoint(workdir, at_least, proc, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline:
