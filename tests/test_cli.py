@@ -158,3 +158,13 @@ def test_bad_input_exits_2_with_one_line(tmp_path, tool, args, match):
   assert len(errors) == 1 and 'Traceback' not in proc.stderr
   assert re.search(match, errors[0]), errors[0]
   assert not (tmp_path / 'w' / 'checkpoints').exists()
+
+
+def test_probe_a_trained_run_on_its_own_data(reference, tmp_path):
+  out = tmp_path / 'probe'
+  proc = run_cli('probe', f'--workdir={reference}', '--batch=8', f'--out={out}', check=True)
+  doc = json.loads((out / 'probe.json').read_text())
+  (probe,) = doc['probes']
+  assert probe['unit'] == 'full_preact' and probe['step'] == 12 and probe['bn'] == 'eval'
+  assert len(probe['units']) == 3 and all(u['grad_norm'] > 0 for u in probe['units'])
+  assert (out / 'grad_norm.png').exists() and 'first/last' in proc.stdout

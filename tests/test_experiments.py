@@ -146,10 +146,10 @@ def test_mini_setting_is_fashion_mnist_at_small_scale():
 # The report.
 
 def _fake_run(path, table, row, seed, errors, status='completed', unit='full_preact',
-              paper=5.46, fail=False):
+              paper=5.46, fail=False, mini=False):
   """A run directory as the trainer writes it."""
   c = config_lib.base()
-  c.seed, c.model.unit = seed, unit
+  c.seed, c.model.unit, c.paper.mini = seed, unit, mini
   c.paper.table, c.paper.row, c.paper.error, c.paper.fail = table, row, paper, fail
   path.mkdir(parents=True)
   (path / 'config.json').write_text(config_lib.to_json(c))
@@ -168,9 +168,19 @@ def test_report_takes_medians_and_marks_failures(tmp_path):
   _fake_run(tmp_path / 'cs/seed0', 'table1', 'constant_scaling_0.5_0.5', 0, [0.3],
             status='diverged', unit='constant_scaling', paper=12.35)
   text = report.write([tmp_path], tmp_path / 'out')
-  assert '| full_preact@164 | full_preact | 164 | 5.50 | 0.41 | 3 | 5.46 | +0.04 |' in text
-  assert '| dropout_shortcut | dropout_shortcut | 164 | fail | – | 1 | fail | – |' in text
+  assert '| full_preact@164 | full_preact | 164 | 5.50 | 0.41 | 3 | 5.46 | +0.04 | 1 / 1 |' \
+      in text
+  assert '| dropout_shortcut | dropout_shortcut | 164 | fail | – | 1 | fail | – | 1 / 2 |' in text
   assert '| constant_scaling_0.5_0.5 | constant_scaling | 164 | fail (diverged) |' in text
+  assert '| 1 | 12.35 | – | 1 / 1 |' in text  # both fail: tied
+
+
+def test_mini_runs_fail_only_by_diverging(tmp_path):
+  _fake_run(tmp_path / 'a', 'table1', 'original', 0, [0.35], unit='original', mini=True,
+            paper=6.61)
+  text = report.write([tmp_path], tmp_path / 'out')
+  assert '### table1 (mini)' in text
+  assert '| original | original | 164 | 35.00 | – | 1 | 6.61 | +28.39 | 1 / 1 |' in text
   assert (tmp_path / 'out' / 'report.md').read_text().startswith('# Results')
   for name in ('curves_table2.png', 'curves_table1.png'):
     assert (tmp_path / 'out' / name).read_bytes()[:4] == b'\x89PNG'
