@@ -173,6 +173,9 @@ def test_report_takes_medians_and_marks_failures(tmp_path):
   assert '| dropout_shortcut | dropout_shortcut | 164 | fail | – | 1 | fail | – | 1 / 2 |' in text
   assert '| constant_scaling_0.5_0.5 | constant_scaling | 164 | fail (diverged) |' in text
   assert '| 1 | 12.35 | – | 1 / 1 |' in text  # both fail: tied
+  assert (tmp_path / 'out' / 'report.md').read_text().startswith('# Results')
+  for name in ('curves_table2.png', 'curves_table1.png'):
+    assert (tmp_path / 'out' / name).read_bytes()[:4] == b'\x89PNG'
 
 
 def test_mini_runs_fail_only_by_diverging(tmp_path):
@@ -181,9 +184,6 @@ def test_mini_runs_fail_only_by_diverging(tmp_path):
   text = report.write([tmp_path], tmp_path / 'out')
   assert '### table1 (mini)' in text
   assert '| original | original | 164 | 35.00 | – | 1 | 6.61 | +28.39 | 1 / 1 |' in text
-  assert (tmp_path / 'out' / 'report.md').read_text().startswith('# Results')
-  for name in ('curves_table2.png', 'curves_table1.png'):
-    assert (tmp_path / 'out' / name).read_bytes()[:4] == b'\x89PNG'
 
 
 def test_report_of_no_runs_is_a_user_error(tmp_path):
