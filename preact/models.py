@@ -91,7 +91,7 @@ class ResNet(nn.Module):
 # --------------------------------------------------------------------------------------
 # Constructors.
 
-_CIFAR_DEPTH = {'basic': (6, '6n+2', 'e.g. 20, 56, 110, 1202'),
+CIFAR_DEPTH = {'basic': (6, '6n+2', 'e.g. 20, 56, 110, 1202'),
                 'bottleneck': (9, '9n+2', 'e.g. 164, 1001'),
                 'one_layer': (3, '3n+2', 'e.g. 110')}
 
@@ -111,9 +111,9 @@ def cifar_resnet(depth: int, unit: str = 'full_preact', bottleneck: bool = False
   64/128/256, inner width out/4), the "1-layer skip" unit 3n+2 (widths 16/32/64).
   """
   branch = cifar_branch(bottleneck, one_layer)
-  per_unit, form, examples = _CIFAR_DEPTH[branch]
+  per_unit, form, examples = CIFAR_DEPTH[branch]
   if not isinstance(depth, (int, np.integer)) or depth < 2 + per_unit or (depth - 2) % per_unit:
-    valid = [k for k, (m, _, _) in _CIFAR_DEPTH.items()
+    valid = [k for k, (m, _, _) in CIFAR_DEPTH.items()
              if isinstance(depth, (int, np.integer)) and depth > 2 and (depth - 2) % m == 0]
     hint = f'; depth {depth} fits: {", ".join(valid)}' if valid else ''
     raise ValueError(f'depth {depth} does not fit {branch} units: need {form} ({examples})'

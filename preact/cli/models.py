@@ -27,7 +27,7 @@ _ARCH = flags.DEFINE_enum('arch', 'all', ['all', 'cifar', 'imagenet'], 'Which ne
 def rows(unit_names, cifar_depths, imagenet_depths):
   """Yields one dict per (network, unit variant); CIFAR nets in every branch the depth fits."""
   for depth in cifar_depths:
-    for branch, (per_unit, _, _) in models._CIFAR_DEPTH.items():
+    for branch, (per_unit, _, _) in models.CIFAR_DEPTH.items():
       if (depth - 2) % per_unit:
         continue
       for unit in unit_names:
@@ -60,7 +60,7 @@ def main(argv):
   cifar = [] if _ARCH.value == 'imagenet' else cifar
   imnet = [] if _ARCH.value == 'cifar' else imnet
   bad = [d for d in cifar if not any(d > 2 and (d - 2) % m == 0
-                                     for m, _, _ in models._CIFAR_DEPTH.values())]
+                                     for m, _, _ in models.CIFAR_DEPTH.values())]
   if bad:
     sys.exit(f'preact-models: depth {bad[0]} fits no CIFAR unit (6n+2, 9n+2 or 3n+2) '
              'and is no ImageNet depth (18, 34, 50, 101, 152, 200)')
