@@ -11,8 +11,10 @@ nn.scan too, where the perturbations are stacked per unit).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 import time
 
 import jax
@@ -102,13 +104,15 @@ def gradient_probe(model: models.ResNet, variables: dict, images, labels,
   """Exact per-unit gradient and activation statistics of ``model`` on one batch.
 
   ``images`` are model inputs (normalized); BN uses batch statistics if ``train``,
-  else the running averages in ``variables``."""
+  else the running averages in ``variables``. Variables initialized on this very batch
+  carry its zero perturbations already, which saves tracing the model once more."""
   images = jnp.asarray(images)
   labels = jnp.asarray(labels, jnp.int32)
   rng = jax.random.key(0) if rng is None else rng
-  variables = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
-  loss, cols = _probe(model, variables, zero_perturbations(model, images), images, labels,
-                      train, rng)
+  perturbations = variables.get('perturbations')
+  if perturbations is None or _batch_size(perturbations) != images.shape[0]:
+    perturbations = zero_perturbations(model, images)
+  loss, cols = _probe(model, _model_state(variables), perturbations, images, labels, train, rng)
   cols = jax.device_get(cols)
   return ProbeResult(stage=cols['stage'].astype(int), grad_norm=cols['grad_norm'],
                      ratio=cols['ratio'], cosine=cols['cosine'], act_norm=cols['act_norm'],
@@ -116,6 +120,10 @@ def gradient_probe(model: models.ResNet, variables: dict, images, labels,
                      info=dict(unit=model.unit, stages=list(model.stage_sizes),
                                branch=model.branch, zero_init_last=model.zero_init_last,
                                bn='train' if train else 'eval'))
+
+
+def _batch_size(perturbations) -> int:
+  return models.unit_blocks(perturbations)[0][0].shape[1]  # blocks lead with a unit axis
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
@@ -138,8 +146,11 @@ def identity_test(model: models.ResNet, variables: dict, images) -> np.ndarray:
   after-addition path are identities; BN and running statistics in eval mode."""
   if not model.zero_init_last:
     raise ValueError('identity_test needs a zero_init_last model (F ≡ 0)')
-  variables = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
-  return np.asarray(_stage_changes(model, variables, jnp.asarray(images)))
+  return np.asarray(_stage_changes(model, _model_state(variables), jnp.asarray(images)))
+
+
+def _model_state(variables: dict) -> dict:
+  return {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
 
 
 # --------------------------------------------------------------------------------------
@@ -174,30 +185,40 @@ def probe_variants(config, unit_names, depths, bottleneck=None, zero_init_last=F
   from preact import train
   images, labels, classes = probe_batch(config, batch)
   train_mode = bn != 'eval'
-  results, identity = [], {}
-  for depth in depths:
-    for unit in unit_names:
-      c = config.copy_and_resolve_references()
-      with c.unlocked():
-        c.model.unit, c.model.depth = unit, depth
-        c.model.bottleneck = paper_bottleneck(depth) if bottleneck is None else bottleneck
-        c.model.zero_init_last = zero_init_last
-        c.model.unit_args = type(c.model.unit_args)(
-            {k: None for k in c.model.unit_args})  # each unit's own defaults
-      model = train.build_model(c, classes)
-      init = jax.jit(lambda k, m=model: m.init(k, images[:1], train=False))
-      t = time.time()
-      variables = init(models.init_key(seed))
-      r = gradient_probe(model, variables, images, labels, train=train_mode)
-      r.info['depth'] = depth
-      results.append(r)
-      zeroed = model.clone(zero_init_last=True)
-      z_vars = jax.jit(lambda k, m=zeroed: m.init(k, images[:1], train=False))(
-          models.init_key(seed))
-      identity[f'{unit}@{depth}'] = [_num(v) for v in identity_test(zeroed, z_vars, images)]
-      if progress:
-        print(f'  probed {unit:<22} depth {depth:<5} in {time.time() - t:5.1f}s', flush=True)
-  return results, identity
+
+  def one(depth, unit):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.model.unit, c.model.depth = unit, depth
+      c.model.bottleneck = paper_bottleneck(depth) if bottleneck is None else bottleneck
+      c.model.zero_init_last = zero_init_last
+      c.model.unit_args = type(c.model.unit_args)(
+          {k: None for k in c.model.unit_args})  # each unit's own defaults
+    model = train.build_model(c, classes)
+    zeroed = model.clone(zero_init_last=True)
+    t = time.time()
+
+    @jax.jit
+    def init(key):
+      # One program for both inits and the identity test: XLA merges the random draws
+      # the two inits share (same key), and compiling dominates a probe's time.
+      variables, z_vars = (m.init(key, images, train=False) for m in (model, zeroed))
+      return variables, _stage_changes(zeroed, _model_state(z_vars), images)
+
+    variables, change = init(models.init_key(seed))
+    r = gradient_probe(model, variables, images, labels, train=train_mode)
+    r.info['depth'] = depth
+    change = [_num(v) for v in np.asarray(change)]
+    if progress:
+      print(f'  probed {unit:<22} depth {depth:<5} in {time.time() - t:5.1f}s', flush=True)
+    return r, change
+
+  jobs = [(d, u) for d in depths for u in unit_names]
+  # XLA compiles with the GIL released: two probes at a time keep both cores busy.
+  with concurrent.futures.ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:
+    done = list(pool.map(lambda job: one(*job), jobs))
+  identity = {f'{u}@{d}': change for (d, u), (_, change) in zip(jobs, done)}
+  return [r for r, _ in done], identity
 
 
 def probe_checkpoint(workdir, batch: int = 32, bn: str = 'auto') -> ProbeResult:
