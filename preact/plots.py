@@ -71,8 +71,11 @@ def _identity_figure(identity, path):
       vals = [np.nan if v[s] is None else v[s] for _, v in rows]
       ax.barh(y + (s - (stages - 1) / 2) * h, vals, height=h, label=f'stage {s + 1}')
     for i, (_, v) in enumerate(rows):
-      if all(x == 0 for x in v if x is not None):
+      finite = [x for x in v if x is not None]
+      if all(x == 0 for x in finite):
         ax.text(0.002, i, 'identity (exactly 0)', va='center', fontsize=8)
+      elif max(finite) < 0.01:  # too short a bar to see
+        ax.text(0.002, i, f'{max(finite):.1e}', va='center', fontsize=8)
     ax.set_yticks(y, [name for name, _ in rows])
     ax.invert_yaxis()
     ax.set_xlabel('‖x_out − x_in‖ / ‖x_in‖ across a stage, branches zeroed')
