@@ -62,7 +62,8 @@ def _memory(compiled) -> float | None:
 def bench_train(model, batch=128, image_shape=(32, 32, 3), steps=10, warmup=2,
                 parallelism='none', peak_flops=None) -> dict:
   """Compile time, step time, images/s, memory and MFU of the full train step (forward,
-  backward, SGD with momentum and weight decay) on random uint8 images."""
+  backward, SGD with momentum and weight decay) on random uint8 images. ``steps=0``
+  compiles only: XLA's memory plan of a step too big to run here."""
   o = config_lib.base().optimizer
   tx = train.make_optimizer(o, 64_000)
   step = train.make_train_step(model, tx, [120.0] * image_shape[-1], [64.0] * image_shape[-1],
@@ -87,9 +88,9 @@ def bench_train(model, batch=128, image_shape=(32, 32, 3), steps=10, warmup=2,
     holder[0], metrics = compiled(holder[0], data)
     return metrics
 
-  for _ in range(warmup):
+  for _ in range(warmup if steps else 0):
     jax.block_until_ready(one())
-  step_s = _median_time(one, steps)
+  step_s = _median_time(one, steps) if steps else float('nan')
   params, fwd_flops = models.size_and_flops(model, image_shape)
   train_flops = 3 * fwd_flops * batch  # forward + backward (≈ 2× forward)
   out = dict(depth=None, params=params, batch=batch, dtype=str(jnp.dtype(model.dtype)),

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The CPU figures of the README's performance section, each ratio measured in one run
+# (ours, then the PyTorch reference, in the same process tree). About 30 minutes on
+# 2 cores; run it on a quiet machine. JSON files land in $OUT (default
+# experiments/results/bench_cpu). Usage: bash launch/cpu_bench.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-experiments/results/bench_cpu}
+mkdir -p "$OUT"
+BENCH=".venv/bin/preact-bench --json"
+run() {  # name, flags...
+  local name=$1; shift
+  echo "== $name: preact-bench $*" >&2
+  $BENCH "$@" > "$OUT/$name.json" 2> "$OUT/$name.log" || echo "$name failed (see $OUT/$name.log)" >&2
+}
+lscpu | grep -E 'Model name|^CPU\(s\)|Flags' | sed 's/Flags:.*avx512_bf16.*/Flags: ... avx512_bf16 .../' > "$OUT/cpu.txt"
+# ResNet-164, batch 128: as shipped (scan + XLA:CPU conv formulation), unrolled, and
+# plain XLA convolutions; then bfloat16 compute.
+run step_164_f32 --depth=164 --batch=128 --dtype=float32 --torch --steps=5
+run step_164_f32_unrolled --depth=164 --batch=128 --noscan --torch --steps=5
+run step_164_f32_plain_xla --depth=164 --batch=128 --cpu_conv=off --torch --steps=5
+run step_164_bf16 --depth=164 --batch=128 --dtype=bfloat16 --torch --steps=5
+run compile --mode=compile
+run ops --mode=ops --steps=6
+run pipeline --mode=pipeline --steps=5
+run sweep --mode=sweep --depths=20,56,110,164,1001 --steps=6
+.venv/bin/python - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for f in sorted(out.glob('step_*.json')):
+  try:
+    r = json.loads(f.read_text())
+  except ValueError:
+    continue
+  t = r.get('torch', {})
+  print(f"{f.stem:<26} ours {r['images_per_s']:6.1f} img/s  torch {t.get('images_per_s', float('nan')):6.1f}"
+        f"  ratio {r.get('ratio_vs_torch', float('nan')):.2f}  mfu {r.get('mfu', float('nan')):.3f}")
+PY
