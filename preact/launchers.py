@@ -52,16 +52,16 @@ def tpu_commands(action: str, name: str, zone: str, config: str = '', workdir: s
                  '--worker=0']],
       'delete': [[*tpu, 'delete', name, *where, '--quiet']],
   }
-  if action == 'all':
-    return [c for a in ('create', 'setup', 'run', 'fetch', 'delete') for c in steps[a]]
-  if action not in steps:
+  if action not in steps and action != 'all':
     raise ValueError(f'unknown action {action!r}; valid: {", ".join(steps)}, all')
   if action in ('setup', 'all') and not repo:
     raise ValueError(f'{action} needs --repo: the git URL the workers clone')
-  if action in ('run', 'fetch') and not workdir:
+  if action in ('run', 'fetch', 'all') and not workdir:
     raise ValueError(f'{action} needs --workdir (a gs:// path on a pod)')
-  if action == 'run' and not config:
-    raise ValueError('run needs --config')
+  if action in ('run', 'all') and not config:
+    raise ValueError(f'{action} needs --config')
+  if action == 'all':
+    return [c for a in ('create', 'setup', 'run', 'fetch', 'delete') for c in steps[a]]
   return steps[action]
 
 

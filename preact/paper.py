@@ -92,12 +92,13 @@ def imagenet_recipe(c):
 
 def mini(c, depth: int):
   """The small-scale setting on Fashion-MNIST for a 2-core CPU: depth 110 → ResNet-20
-  (basic, 3 units a stage), 164 → ResNet-20 bottleneck (2 units a stage), 300 steps of
-  64 (~1/3 epoch) with the same step schedule shape (÷10 at 50% and 75%)."""
+  (basic, 3 units a stage; one-layer units: 6 a stage), 164 → ResNet-20 bottleneck (2
+  units a stage), ImageNet rows → ResNet-20 of their unit; 300 steps of 64 (~1/3 epoch)
+  with the same step schedule shape (÷10 at 50% and 75%)."""
   c.dataset = 'fashion_mnist'
+  c.model.arch = 'cifar'  # ImageNet rows too: their unit, on the small network
   c.model.depth = 20
-  c.model.bottleneck = depth in (164, 1001)
-  c.model.one_layer = False
+  c.model.bottleneck = depth in (164, 1001) and not c.model.one_layer
   c.batch_size = 64
   c.total_steps = 300
   c.optimizer.boundaries = (150, 225)

@@ -148,10 +148,12 @@ def test_two_processes_train_like_one_process(tmp_path, fmnist_dir):
     ('train', ['--config.dataset=mnist'], "dataset='mnist' is not one of"),
     ('train', ['--config=experiments/nope.py'], 'cannot load --config'),
     ('eval', [], 'holds no run'),
+    ('models', ['--units=full_preactt'], "unknown unit 'full_preactt'"),
+    ('models', ['--depths=21'], 'depth 21 fits no CIFAR unit'),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, tool, args, match):
-  base = [*TINY, f'--workdir={tmp_path / "w"}'] if tool == 'train' else [
-      f'--workdir={tmp_path / "w"}']
+  base = {'train': [*TINY, f'--workdir={tmp_path / "w"}'], 'models': []}.get(
+      tool, [f'--workdir={tmp_path / "w"}'])
   proc = run_cli(tool, *base, *args, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith(f'preact-{tool}: error:')]

@@ -142,6 +142,20 @@ def test_mini_setting_is_fashion_mnist_at_small_scale():
   assert (c.model.depth, c.model.bottleneck, c.seed) == (20, False, 1)
 
 
+@pytest.mark.parametrize('table', TABLES)
+def test_every_row_has_a_mini_network(table):
+  """Every row shrinks to a ResNet-20 of its own unit (ImageNet rows and one-layer units
+  included)."""
+  m = load(table)
+  for name in m.ROWS:
+    c = m.get_config(f'{name},mini')
+    config_lib.validate(c)
+    model = train.build_model(c, 10)
+    assert (c.dataset, model.unit) == ('fashion_mnist', c.model.unit)
+    assert sum(model.stage_sizes) * (1 if c.model.one_layer else
+                                     3 if c.model.bottleneck else 2) + 2 == 20
+
+
 # --------------------------------------------------------------------------------------
 # The report.
 
@@ -209,6 +223,11 @@ def test_tpu_pod_commands():
   assert text[4] == 'gcloud compute tpus tpu-vm delete pod --zone=us-central2-b --quiet'
   with pytest.raises(ValueError, match='needs --repo'):
     launchers.tpu_commands('setup', 'pod', 'z')
+  with pytest.raises(ValueError, match='all needs --repo'):
+    launchers.tpu_commands('all', 'pod', 'z', 'experiments/table4.py:c10_1001', 'gs://b/r')
+  with pytest.raises(ValueError, match='all needs --workdir'):
+    launchers.tpu_commands('all', 'pod', 'z', 'experiments/table4.py:c10_1001',
+                           repo='https://x/preact.git')
 
 
 def test_launch_scripts_dry_run_print_the_commands():

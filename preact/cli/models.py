@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from preact import models, units
+from preact.cli import common
 
 CIFAR_DEPTHS = (20, 56, 110, 164, 1001, 1202)
 IMAGENET_DEPTHS = (50, 152, 200)
@@ -46,14 +46,15 @@ def _row(arch, depth, unit, branch, model, image_shape, classes):
               flops=flops, image_shape=list(image_shape), num_classes=classes)
 
 
+@common.main('preact-models')
 def main(argv):
-  del argv
+  common.no_arguments(argv)
   try:
     for u in _UNITS.value:
       units.get_unit(u)
     depths = [int(d) for d in _DEPTHS.value] if _DEPTHS.value else None
   except ValueError as e:
-    sys.exit(f'preact-models: {e}')
+    raise common.UserError(str(e)) from None
   cifar = [d for d in depths if d not in models.IMAGENET_STAGES or d in CIFAR_DEPTHS] \
       if depths else CIFAR_DEPTHS
   imnet = [d for d in depths if d in models.IMAGENET_STAGES] if depths else IMAGENET_DEPTHS
@@ -62,8 +63,8 @@ def main(argv):
   bad = [d for d in cifar if not any(d > 2 and (d - 2) % m == 0
                                      for m, _, _ in models.CIFAR_DEPTH.values())]
   if bad:
-    sys.exit(f'preact-models: depth {bad[0]} fits no CIFAR unit (6n+2, 9n+2 or 3n+2) '
-             'and is no ImageNet depth (18, 34, 50, 101, 152, 200)')
+    raise common.UserError(f'depth {bad[0]} fits no CIFAR unit (6n+2, 9n+2 or 3n+2) and is '
+                           'no ImageNet depth (18, 34, 50, 101, 152, 200)')
   if _JSON.value:
     print(json.dumps(list(rows(_UNITS.value, cifar, imnet))))
     return
@@ -76,7 +77,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  common.run(main)
 
 
 if __name__ == '__main__':

@@ -1,7 +1,7 @@
 """preact-sweep: one experiment over several seeds (the paper reports medians of 5).
 
   preact-sweep --config=experiments/table2.py:full_preact,depth=164 --workdir=runs/t2 \
-      [--seeds=0,1,2,3,4] [--hosts=gpu1,gpu2,...] [--dry-run] [-- extra preact-train flags]
+      [--seeds=0,1,2,3,4] [--hosts=gpu1,gpu2,...] [--dry_run] [-- extra preact-train flags]
 
 Locally the seeds run one after another (a failed seed does not stop the rest); with
 --hosts, one job per host over ssh, all at once. Each seed trains into WORKDIR/seed<k>;
