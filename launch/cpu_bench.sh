@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU figures of the README's performance section, each ratio measured in one run
-# (ours, then the PyTorch reference, in the same process tree). About 30 minutes on
+# (ours, then the PyTorch reference, in the same process tree). About 25 minutes on
 # 2 cores; run it on a quiet machine. JSON files land in $OUT (default
 # experiments/results/bench_cpu). Usage: bash launch/cpu_bench.sh
 set -uo pipefail
@@ -14,11 +14,12 @@ run() {  # name, flags...
   $BENCH "$@" > "$OUT/$name.json" 2> "$OUT/$name.log" || echo "$name failed (see $OUT/$name.log)" >&2
 }
 lscpu | grep -E 'Model name|^CPU\(s\)|Flags' | sed 's/Flags:.*avx512_bf16.*/Flags: ... avx512_bf16 .../' > "$OUT/cpu.txt"
-# ResNet-164, batch 128: as shipped (scan + XLA:CPU conv formulation), unrolled, and
-# plain XLA convolutions; then bfloat16 compute.
+# ResNet-164, batch 128: as shipped (scan + XLA:CPU conv formulation), unrolled,
+# rematerialized; then bfloat16 compute. (Plain XLA convs, --cpu_conv=off, are compared
+# per conv by --mode=ops: a whole scanned step with them takes minutes.)
 run step_164_f32 --depth=164 --batch=128 --dtype=float32 --torch --steps=5
 run step_164_f32_unrolled --depth=164 --batch=128 --noscan --torch --steps=5
-run step_164_f32_plain_xla --depth=164 --batch=128 --cpu_conv=off --torch --steps=5
+run step_164_f32_remat --depth=164 --batch=128 --remat --torch --steps=5
 run step_164_bf16 --depth=164 --batch=128 --dtype=bfloat16 --torch --steps=5
 run compile --mode=compile
 run ops --mode=ops --steps=6
