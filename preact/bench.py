@@ -32,6 +32,13 @@ def build_model(depth=164, bottleneck=True, unit='full_preact', dtype='float32',
   return train.build_model(c, num_classes)
 
 
+def _train_step(model, channels: int):
+  """The paper's optimizer (base config, 64k-step schedule) and the real per-replica
+  train step, with a fixed input normalization."""
+  tx = train.make_optimizer(config_lib.base().optimizer, 64_000)
+  return tx, train.make_train_step(model, tx, [120.0] * channels, [64.0] * channels, seed=0)
+
+
 def _median_time(fn, steps):
   times = []
   for _ in range(steps):
@@ -64,10 +71,7 @@ def bench_train(model, batch=128, image_shape=(32, 32, 3), steps=10, warmup=2,
   """Compile time, step time, images/s, memory and MFU of the full train step (forward,
   backward, SGD with momentum and weight decay) on random uint8 images. ``steps=0``
   compiles only: XLA's memory plan of a step too big to run here."""
-  o = config_lib.base().optimizer
-  tx = train.make_optimizer(o, 64_000)
-  step = train.make_train_step(model, tx, [120.0] * image_shape[-1], [64.0] * image_shape[-1],
-                               seed=0)
+  tx, step = _train_step(model, image_shape[-1])
   rng = np.random.default_rng(0)
   host = {'image': rng.integers(0, 256, (batch, *image_shape), dtype=np.uint8),
           'label': rng.integers(0, 10, (batch,), dtype=np.int32)}
@@ -111,7 +115,7 @@ def bench_eval(model, batch=500, image_shape=(32, 32, 3), steps=5) -> float:
   """Images/s of the evaluation forward pass."""
   variables = jax.jit(functools.partial(model.init, train=False))(
       models.init_key(0), jnp.zeros((1, *image_shape)))
-  variables = {k: variables[k] for k in ('params', 'batch_stats')}
+  variables = models.model_state(variables)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(batch, *image_shape)), jnp.float32)
   f = jax.jit(functools.partial(model.apply, train=False))
   jax.block_until_ready(f(variables, x))
@@ -124,9 +128,7 @@ def compile_times(depths=(164, 1001), bottleneck=True, batch=128, dtype='float32
   out = {}
   for depth in depths:
     model = build_model(depth, bottleneck, dtype=dtype, scan=scan, remat=remat)
-    o = config_lib.base().optimizer
-    tx = train.make_optimizer(o, 64_000)
-    step = train.make_train_step(model, tx, [120.0] * 3, [64.0] * 3, seed=0)
+    tx, step = _train_step(model, 3)
     replicas = parallel.Replicas('shard_map', jax.devices()[:1])
     state = jax.eval_shape(lambda m=model: train.init_state(m, tx, 0, (32, 32, 3)))
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
@@ -144,10 +146,7 @@ def pipeline_images_per_s(images: np.ndarray, labels: np.ndarray, batch=128, pad
                           steps=50) -> float:
   """Host images/s of the in-memory pipeline (sampling, crop, flip) on these arrays."""
   from preact import data
-  d = data.InMemory.__new__(data.InMemory)  # the arrays are given: no TFDS
-  d.name, d.batch_size, d.seed, d.padding, d.flip = 'bench', batch, 0, padding, True
-  d.process_index, d.process_count, d.local = 0, 1, batch
-  d.images, d.labels = images, labels
+  d = data.InMemory('bench', batch, seed=0, padding=padding, images=images, labels=labels)
   d.batch(0)
   t = time.perf_counter()
   for s in range(1, steps + 1):

@@ -217,9 +217,13 @@ class InMemory:
   data_dir: str = ''
   process_index: int = 0
   process_count: int = 1
+  # Arrays already in memory (the benchmark's synthetic ones); else the TFDS train split.
+  images: np.ndarray | None = dataclasses.field(default=None, repr=False)
+  labels: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
   def __post_init__(self):
-    self.images, self.labels = load_arrays(self.name, 'train', self.data_dir)
+    if self.images is None:
+      self.images, self.labels = load_arrays(self.name, 'train', self.data_dir)
     if self.batch_size % self.process_count:
       raise UserError(f'batch_size {self.batch_size} is not divisible by the '
                       f'{self.process_count} processes')

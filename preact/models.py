@@ -167,6 +167,12 @@ def init_shapes(model: ResNet, image_shape: Sequence[int]) -> dict:
   return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
 
 
+def model_state(variables: dict) -> dict:
+  """The variables a forward pass reads (params, BN statistics), without the probes'
+  perturbations or sown intermediates."""
+  return {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
+
+
 def count_params(tree) -> int:
   return int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
 

@@ -112,7 +112,7 @@ def gradient_probe(model: models.ResNet, variables: dict, images, labels,
   perturbations = variables.get('perturbations')
   if perturbations is None or _batch_size(perturbations) != images.shape[0]:
     perturbations = zero_perturbations(model, images)
-  loss, cols = _probe(model, _model_state(variables), perturbations, images, labels, train, rng)
+  loss, cols = _probe(model, models.model_state(variables), perturbations, images, labels, train, rng)
   cols = jax.device_get(cols)
   return ProbeResult(stage=cols['stage'].astype(int), grad_norm=cols['grad_norm'],
                      ratio=cols['ratio'], cosine=cols['cosine'], act_norm=cols['act_norm'],
@@ -146,11 +146,8 @@ def identity_test(model: models.ResNet, variables: dict, images) -> np.ndarray:
   after-addition path are identities; BN and running statistics in eval mode."""
   if not model.zero_init_last:
     raise ValueError('identity_test needs a zero_init_last model (F ≡ 0)')
-  return np.asarray(_stage_changes(model, _model_state(variables), jnp.asarray(images)))
-
-
-def _model_state(variables: dict) -> dict:
-  return {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
+  return np.asarray(_stage_changes(model, models.model_state(variables),
+                                   jnp.asarray(images)))
 
 
 # --------------------------------------------------------------------------------------
@@ -203,7 +200,7 @@ def probe_variants(config, unit_names, depths, bottleneck=None, zero_init_last=F
       # One program for both inits and the identity test: XLA merges the random draws
       # the two inits share (same key), and compiling dominates a probe's time.
       variables, z_vars = (m.init(key, images, train=False) for m in (model, zeroed))
-      return variables, _stage_changes(zeroed, _model_state(z_vars), images)
+      return variables, _stage_changes(zeroed, models.model_state(z_vars), images)
 
     variables, change = init(models.init_key(seed))
     r = gradient_probe(model, variables, images, labels, train=train_mode)
