@@ -24,10 +24,12 @@ from preact import config as config_lib, models, parallel, train
 
 
 def build_model(depth=164, bottleneck=True, unit='full_preact', dtype='float32', scan=True,
-                remat=False, cpu_conv='auto', num_classes=10, one_layer=False):
+                remat='auto', cpu_conv='auto', num_classes=10, one_layer=False):
   c = config_lib.base()
   c.model.depth, c.model.bottleneck, c.model.unit, c.model.one_layer = (depth, bottleneck,
                                                                         unit, one_layer)
+  if isinstance(remat, bool):
+    remat = 'on' if remat else 'off'
   c.model.dtype, c.model.scan, c.model.remat, c.model.cpu_conv = dtype, scan, remat, cpu_conv
   return train.build_model(c, num_classes)
 
@@ -66,25 +68,21 @@ def _memory(compiled) -> float | None:
     return None
 
 
-def bench_train(model, batch=128, image_shape=(32, 32, 3), steps=10, warmup=2,
-                parallelism='none', peak_flops=None) -> dict:
-  """Compile time, step time, images/s, memory and MFU of the full train step (forward,
-  backward, SGD with momentum and weight decay) on random uint8 images. ``steps=0``
-  compiles only: XLA's memory plan of a step too big to run here."""
+def _compiled_step(model, batch, image_shape, parallelism='none'):
+  """The real train step compiled ahead of time; a function that runs it once on a
+  batch of random uint8 images (returning its metrics); the replicas; compile time."""
   tx, step = _train_step(model, image_shape[-1])
   rng = np.random.default_rng(0)
   host = {'image': rng.integers(0, 256, (batch, *image_shape), dtype=np.uint8),
           'label': rng.integers(0, 10, (batch,), dtype=np.int32)}
   if parallelism == 'none':  # one device, no collectives: the step alone
-    devices = jax.devices()[:1]
-    replicas = parallel.Replicas('shard_map', devices)
+    replicas = parallel.Replicas('shard_map', jax.devices()[:1])
   else:
     replicas = parallel.Replicas(parallelism)
   state = train.init_state(model, tx, 0, image_shape, replicas.replicated)
   data = replicas.put_batch(host)
-  mapped = replicas.map(step)
   t = time.perf_counter()
-  compiled = mapped.lower(state, data).compile()
+  compiled = replicas.map(step).lower(state, data).compile()
   compile_s = time.perf_counter() - t
   holder = [state]
 
@@ -92,6 +90,15 @@ def bench_train(model, batch=128, image_shape=(32, 32, 3), steps=10, warmup=2,
     holder[0], metrics = compiled(holder[0], data)
     return metrics
 
+  return compiled, one, replicas, compile_s
+
+
+def bench_train(model, batch=128, image_shape=(32, 32, 3), steps=10, warmup=2,
+                parallelism='none', peak_flops=None) -> dict:
+  """Compile time, step time, images/s, memory and MFU of the full train step (forward,
+  backward, SGD with momentum and weight decay) on random uint8 images. ``steps=0``
+  compiles only: XLA's memory plan of a step too big to run here."""
+  compiled, one, replicas, compile_s = _compiled_step(model, batch, image_shape, parallelism)
   for _ in range(warmup if steps else 0):
     jax.block_until_ready(one())
   step_s = _median_time(one, steps) if steps else float('nan')
@@ -111,6 +118,16 @@ def bench_train(model, batch=128, image_shape=(32, 32, 3), steps=10, warmup=2,
   return out
 
 
+def op_profile(model, batch=128, image_shape=(32, 32, 3), steps=2) -> dict:
+  """Per-kind and per-op time of one train step (preact.profile), after a warm-up step,
+  beside the step's own median time."""
+  from preact import profile
+  compiled, one, _, _ = _compiled_step(model, batch, image_shape)
+  jax.block_until_ready(one())
+  step_ms = 1e3 * _median_time(one, 3)
+  return dict(step_ms=step_ms, **profile.profile_step(compiled.as_text(), one, steps))
+
+
 def bench_eval(model, batch=500, image_shape=(32, 32, 3), steps=5) -> float:
   """Images/s of the evaluation forward pass."""
   variables = jax.jit(functools.partial(model.init, train=False))(
@@ -123,7 +140,7 @@ def bench_eval(model, batch=500, image_shape=(32, 32, 3), steps=5) -> float:
 
 
 def compile_times(depths=(164, 1001), bottleneck=True, batch=128, dtype='float32',
-                  scan=True, remat=False) -> dict:
+                  scan=True, remat='auto') -> dict:
   """The train step's compile time at each depth (ahead-of-time lower + compile)."""
   out = {}
   for depth in depths:
@@ -156,7 +173,7 @@ def pipeline_images_per_s(images: np.ndarray, labels: np.ndarray, batch=128, pad
 
 def torch_reference(depth=164, bottleneck=True, unit='full_preact', batch=128,
                     image_shape=(32, 32, 3), steps=10, warmup=2, expect_params=None,
-                    dtype='float32', timeout=1800) -> dict | None:
+                    dtype='float32', timeout=1800, profile=False) -> dict | None:
   """The PyTorch reference, run as a child process (None when torch is absent)."""
   try:
     import importlib.util
@@ -171,6 +188,8 @@ def torch_reference(depth=164, bottleneck=True, unit='full_preact', batch=128,
     cmd.append('--bottleneck')
   if expect_params is not None:
     cmd.append(f'--expect_params={expect_params}')
+  if profile:
+    cmd.append('--profile')
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                         env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   if proc.returncode:

@@ -67,6 +67,51 @@ def cifar_resnet(depth, unit='full_preact', bottleneck=False, channels=3, classe
   return nn.Sequential(*layers)
 
 
+# torch.profiler's op names -> the kinds of preact.profile.KINDS.
+_CONV, _CONV_BWD = 'aten::convolution', 'aten::convolution_backward'
+_BN = ('aten::native_batch_norm', 'aten::_native_batch_norm_legit',
+       'aten::native_batch_norm_backward')
+
+
+def torch_kind(event) -> str:
+  """The kind of a profiled op, from itself and its callers: a conv (by its kernel's
+  size) or BN op, or anything else, forward or backward; the optimizer and loss apart."""
+  chain, e = [], event
+  while e is not None:
+    chain.append(e)
+    e = e.cpu_parent
+  names = [e.name for e in chain]
+  if any(n.startswith('Optimizer.') for n in names) or 'aten::cross_entropy_loss' in names:
+    return 'loss, optimizer, rest'
+  if any('AccumulateGrad' in n for n in names):
+    return 'loss, optimizer, rest'
+  bwd = any(n.startswith('autograd::engine') for n in names)
+  direction = 'bwd' if bwd else 'fwd'
+  for e in chain:
+    if e.name in (_CONV, _CONV_BWD):
+      shapes = e.input_shapes or []
+      weight = shapes[1] if e.name == _CONV else shapes[2] if len(shapes) > 2 else []
+      k = weight[-1] if len(weight) == 4 else 3
+      return f'conv {k}x{k} {direction}'
+    if e.name in _BN:
+      return f'batch norm {direction}'
+  return f'relu, add, other {direction}'
+
+
+def profile(step, steps=2) -> dict:
+  """Per-step ms of the step's ops by kind (self time, so nothing is counted twice)."""
+  from torch.profiler import ProfilerActivity, profile as torch_profile
+  with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    for _ in range(steps):
+      step()
+  out = {}
+  for e in prof.events():
+    if e.self_cpu_time_total:
+      kind = torch_kind(e)
+      out[kind] = out.get(kind, 0.0) + e.self_cpu_time_total / 1e3 / steps
+  return out
+
+
 def main():
   a = argparse.ArgumentParser()
   a.add_argument('--depth', type=int, default=164)
@@ -79,6 +124,7 @@ def main():
   a.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   a.add_argument('--expect_params', type=int, default=None)
   a.add_argument('--channels_last', type=int, default=1)
+  a.add_argument('--profile', action='store_true', help='Add per-kind op times.')
   args = a.parse_args()
   torch.set_num_threads(os.cpu_count())
   h, w, c = map(int, args.image_shape.split(','))
@@ -112,10 +158,12 @@ def main():
     step()
     times.append(time.perf_counter() - t)
   s = statistics.median(times)
-  print(json.dumps(dict(framework='pytorch', version=torch.__version__, params=params,
-                        batch=args.batch, dtype=args.dtype, step_ms=1e3 * s,
-                        images_per_s=args.batch / s, device=device,
-                        threads=torch.get_num_threads())))
+  out = dict(framework='pytorch', version=torch.__version__, params=params,
+             batch=args.batch, dtype=args.dtype, step_ms=1e3 * s,
+             images_per_s=args.batch / s, device=device, threads=torch.get_num_threads())
+  if args.profile:
+    out['ms_by_kind'] = profile(step)
+  print(json.dumps(out))
 
 
 if __name__ == '__main__':

@@ -46,7 +46,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.zero_init_last = False
   c.model.dtype = 'float32'    # computation dtype; parameters and BN statistics stay fp32
   c.model.scan = True
-  c.model.remat = False
+  # Recompute each unit's activations in the backward pass instead of storing them:
+  # auto = on for CPU from depth 56, where it is also faster (README, Performance).
+  c.model.remat = 'auto'       # auto | on | off
   c.model.cpu_conv = 'auto'    # XLA:CPU conv formulations: auto (on for CPU) | on | off
 
   c.optimizer = ml_collections.ConfigDict()
@@ -94,6 +96,7 @@ _CHOICES = {
     'model.unit': tuple(units.UNITS),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.cpu_conv': ('auto', 'on', 'off'),
+    'model.remat': ('auto', 'on', 'off'),
     'optimizer.decay': ('all', 'weights'),
     'optimizer.schedule': ('step', 'cosine'),
     'parallelism': ('pmap', 'shard_map'),
@@ -155,6 +158,8 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
         node = node[p]
       if isinstance(node[leaf], tuple) and isinstance(value, list):
         value = tuple(value)
+      if key == 'model.remat' and isinstance(value, bool):
+        value = 'on' if value else 'off'  # configs saved when remat was a bool
       node[leaf] = value
     except (KeyError, TypeError) as e:
       raise UserError(f'saved config has a bad key or value {key}={value!r} ({e})') from None

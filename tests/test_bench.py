@@ -54,3 +54,42 @@ def test_pipeline_throughput_is_measured_without_tfds():
   images = np.zeros((100, 32, 32, 3), np.uint8)
   labels = np.zeros((100,), np.int32)
   assert bench.pipeline_images_per_s(images, labels, batch=16, padding=4, steps=3) > 0
+
+
+@pytest.mark.parametrize('cpu_conv', ['on', 'off'])
+def test_profile_puts_every_executed_op_of_the_step_in_a_kind(cpu_conv):
+  from preact import profile
+  # Two units a stage: the scanned bodies' ops are counted on every trip.
+  r = bench.op_profile(bench.build_model(20, True, cpu_conv=cpu_conv), batch=4, steps=1)
+  assert r['unknown_ops'] == 0
+  assert list(r['ms_by_kind']) == list(profile.KINDS)
+  assert r['op_ms_total'] == pytest.approx(sum(r['ms_by_kind'].values()))
+  for kind in profile.KINDS[:6]:  # both conv sizes and BN, forward and backward
+    assert r['ms_by_kind'][kind] > 0, kind
+  assert r['ms_by_kind']['copies, layout, scan'] > 0  # the scan's stacked activations
+  assert all(o['kind'] in profile.KINDS for o in r['top_ops'])
+
+
+def test_pytorch_profile_uses_the_same_kinds():
+  torch_ref = pytest.importorskip('preact.bench_torch')
+  import torch
+  from preact import profile
+  net = torch_ref.cifar_resnet(11, bottleneck=True)
+  x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+
+  def step():
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+
+  kinds = torch_ref.profile(step, steps=1)
+  assert set(kinds) <= set(profile.KINDS)
+  for kind in profile.KINDS[:6]:
+    assert kinds.get(kind, 0) > 0, kind
+
+
+def test_preact_bench_profile_prints_both_columns():
+  pytest.importorskip('torch')
+  out = run_cli('bench', '--mode=profile', '--depth=11', '--batch=4', '--torch', '--json',
+                check=True).stdout
+  r = json.loads(out.strip().splitlines()[-1])
+  assert set(r['torch']['ms_by_kind']) <= set(r['ours']['ms_by_kind'])
+  assert r['ours']['step_ms'] > 0 and r['torch']['step_ms'] > 0

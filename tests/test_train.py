@@ -190,10 +190,26 @@ def test_bf16_computation_keeps_fp32_parameters(tmp_path):
     ({'batch_size': 12}, 'batch_size 12 is not divisible by the 8 devices'),
     ({'model.unit': 'dropout_shortcut', 'model.unit_args.rate': 1.0}, r'\[0, 1\)'),
     ({'model.unit_args.bias': -3.0}, "unit 'full_preact' has no argument"),
+    ({'model.remat': 'yes'}, "model.remat='yes' is not one of: auto, on, off"),
 ])
 def test_bad_configs_are_user_errors(tmp_path, overrides, match):
   with pytest.raises(UserError, match=match):
     _train(tiny_config(**overrides), tmp_path)
+
+
+@pytest.mark.parametrize('remat,depth,want', [
+    ('auto', 20, False), ('auto', train.REMAT_AUTO_DEPTH, True), ('on', 20, True),
+    ('off', 164, False)])
+def test_remat_auto_is_on_for_deep_nets_on_cpu(remat, depth, want):
+  c = tiny_config(**{'model.remat': remat, 'model.depth': depth})
+  assert jax.default_backend() == 'cpu'
+  assert train.build_model(c, 10).remat is want
+
+
+def test_configs_saved_with_a_boolean_remat_still_load():
+  d = tiny_config().to_dict()
+  d['model']['remat'] = True
+  assert config_lib.from_dict(d).model.remat == 'on'
 
 
 def test_unknown_config_key_is_a_user_error(tmp_path):

@@ -6,6 +6,7 @@
   preact-bench --mode=sweep                            # depths × scan, remat memory
   preact-bench --mode=pipeline                         # input pipeline vs train step
   preact-bench --mode=ops                              # per-conv profile vs PyTorch
+  preact-bench --mode=profile --torch                  # the step's time per kind of op
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from absl import flags
 
 from preact.cli import common
 
-_MODE = flags.DEFINE_enum('mode', 'step', ['step', 'compile', 'sweep', 'pipeline', 'ops'],
+_MODE = flags.DEFINE_enum('mode', 'step', ['step', 'compile', 'sweep', 'pipeline', 'ops',
+                                            'profile'],
                           'What to measure.')
 _DEPTH = flags.DEFINE_integer('depth', 164, 'CIFAR depth.')
 _BOTTLENECK = flags.DEFINE_bool('bottleneck', True, 'Bottleneck units.')
@@ -24,7 +26,8 @@ _UNIT = flags.DEFINE_string('unit', 'full_preact', 'Unit variant.')
 _BATCH = flags.DEFINE_integer('batch', 128, 'Global batch.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Computation dtype.')
 _SCAN = flags.DEFINE_bool('scan', True, 'Scan identical units.')
-_REMAT = flags.DEFINE_bool('remat', False, 'Rematerialize units.')
+_REMAT = flags.DEFINE_enum('remat', 'auto', ['auto', 'on', 'off'],
+                           'Rematerialize units (auto: on for CPU from depth 56).')
 _CPU_CONV = flags.DEFINE_enum('cpu_conv', 'auto', ['auto', 'on', 'off'],
                               'XLA:CPU conv formulations.')
 _PAR = flags.DEFINE_enum('parallelism', 'none', ['none', 'pmap', 'shard_map'],
@@ -40,7 +43,7 @@ def main(argv):
   common.no_arguments(argv)
   from preact import bench
   out = {'compile': _compile, 'sweep': _sweep, 'pipeline': _pipeline, 'ops': _ops,
-         'step': _step}[_MODE.value](bench)
+         'step': _step, 'profile': _profile}[_MODE.value](bench)
   print(json.dumps(out) if _JSON.value else _table(out), flush=True)
 
 
@@ -97,12 +100,12 @@ def _sweep(bench):
         continue  # unrolled 1001 compiles for many minutes; that is the point of scan
       # Without remat ResNet-1001's activations outgrow a small host: plan, don't run.
       steps = 0 if depth > 164 else max(2, _STEPS.value // 3)
-      r = bench.bench_train(_model(bench, depth, bottleneck, scan=scan), _BATCH.value,
-                            steps=steps, warmup=1)
+      r = bench.bench_train(_model(bench, depth, bottleneck, scan=scan, remat='off'),
+                            _BATCH.value, steps=steps, warmup=1)
       rows.append(dict(depth=depth, bottleneck=bottleneck, scan=scan, remat=False,
                        compile_s=r['compile_s'], step_ms=r['step_ms'] if steps else None,
                        peak_mem_gb=r['peak_mem_gb']))
-    r = bench.bench_train(_model(bench, depth, bottleneck, scan=True, remat=True),
+    r = bench.bench_train(_model(bench, depth, bottleneck, scan=True, remat='on'),
                           _BATCH.value, steps=max(2, _STEPS.value // 3), warmup=1)
     rows.append(dict(depth=depth, bottleneck=bottleneck, scan=True, remat=True,
                      compile_s=r['compile_s'], step_ms=r['step_ms'],
@@ -133,7 +136,43 @@ def _ops(bench):
   return {'convs': rows, 'total_ms': totals}
 
 
+def _profile(bench):
+  """The train step's op time by kind (preact.profile), ours beside PyTorch's."""
+  model = _model(bench)
+  ours = bench.op_profile(model, _BATCH.value)
+  out = dict(depth=_DEPTH.value, batch=_BATCH.value, dtype=_DTYPE.value, remat=model.remat,
+             scan=model.scan, ours=ours)
+  if _TORCH.value:
+    params = bench.models.size_and_flops(model, (32, 32, 3))[0]
+    ref = bench.torch_reference(_DEPTH.value, _BOTTLENECK.value, _UNIT.value, _BATCH.value,
+                                steps=3, warmup=1, expect_params=params, dtype=_DTYPE.value,
+                                profile=True)
+    if ref is None:
+      raise common.UserError('--torch needs PyTorch: pip install -e ".[bench]"')
+    out['torch'] = ref
+  return out
+
+
+def _profile_table(out):
+  ours, ref = out['ours'], out.get('torch', {})
+  theirs = ref.get('ms_by_kind', {})
+  rows = [f"{'kind of op':<24} {'ours ms':>9} {'PyTorch ms':>11} {'ours/PyTorch':>13}"]
+  for kind, ms in ours['ms_by_kind'].items():
+    t = theirs.get(kind, 0.0)
+    ratio = f'{ms / t:13.2f}' if t else f"{'-':>13}"
+    rows.append(f'{kind:<24} {ms:9.0f} {t:11.0f} {ratio}')
+  t_sum = sum(theirs.values())
+  rows.append(f"{'all ops (sum)':<24} {ours['op_ms_total']:9.0f} {t_sum:11.0f}")
+  rows.append(f"{'step (wall)':<24} {ours['step_ms']:9.0f} {ref.get('step_ms', 0.0):11.0f}")
+  rows.append('')
+  rows.append('our costliest ops (ms per step):')
+  rows += [f"{o['ms']:8.1f}  {o['kind']:<22} {o['about']}" for o in ours['top_ops']]
+  return '\n'.join(rows)
+
+
 def _table(out):
+  if 'ours' in out:
+    return _profile_table(out)
   return '\n'.join(f'{k:<28} {v:.4g}' if isinstance(v, float) else f'{k:<28} {v}'
                    for k, v in out.items())
 

@@ -1,0 +1,128 @@
+"""Where a train step's time goes, per op and per kind of op, for ours and for PyTorch.
+
+Ours: the compiled step runs under ``jax.profiler``; XLA:CPU records one event per
+executed HLO op (fusion, convolution, dot, copy...), also for every trip of a scanned
+loop. Each op is put in a kind by what the compiled HLO says of it: what it computes
+(a convolution or dot, a reduction, a copy) and where its metadata says it came from
+(a BatchNorm or Conv module; ``transpose(jvp(...))`` marks the backward pass; no
+``jvp`` at all is the optimizer). PyTorch's step is cut into the same kinds by
+``torch.profiler`` (see ``bench_torch.torch_kind``), so the two columns line up.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import glob
+import re
+import tempfile
+
+import jax
+
+# The kinds, in the order they are printed; both frameworks use these names.
+KINDS = ('conv 3x3 fwd', 'conv 3x3 bwd', 'conv 1x1 fwd', 'conv 1x1 bwd',
+         'batch norm fwd', 'batch norm bwd', 'relu, add, other fwd', 'relu, add, other bwd',
+         'copies, layout, scan', 'loss, optimizer, rest')
+
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) .*\{\s*$')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r'(?:calls|to_apply|body)=%([\w.\-]+)')
+_WINDOW = re.compile(r'window=\{size=(\d+)x(\d+)')
+_DATA_MOVEMENT = {'copy', 'transpose', 'dynamic-slice', 'dynamic-update-slice', 'bitcast',
+                  'concatenate', 'slice', 'pad', 'reverse', 'broadcast', 'tuple',
+                  'get-tuple-element', 'parameter', 'constant', 'iota', 'reshape'}
+_CONTROL = {'while', 'call', 'conditional'}  # their events enclose their bodies' events
+
+
+def hlo_kinds(hlo_text: str) -> dict[str, tuple[str | None, str]]:
+  """Maps every instruction of a compiled HLO module to (one of KINDS, what it is: its
+  output type and source). Control flow maps to None: the ops inside it count instead."""
+  computations, current = {}, None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = computations.setdefault(m.group(1), [])
+      continue
+    m = _INSTRUCTION.match(line)
+    if m and current is not None:
+      name, shape, opcode, rest = m.groups()
+      op_name = _OP_NAME.search(rest)
+      window = _WINDOW.search(rest)
+      current.append(dict(name=name, opcode=opcode, shape=shape, calls=_CALLS.findall(rest),
+                          op_name=op_name.group(1) if op_name else '',
+                          window=window.groups() if window else None))
+
+  def contents(instr):
+    """The opcodes an instruction executes, through fusions ('window': a k×k conv)."""
+    found = {instr['opcode']}
+    if instr['window'] and instr['window'] != ('1', '1'):
+      found.add('window')
+    if instr['opcode'] not in _CONTROL:
+      for c in instr['calls']:
+        found |= inside(c)
+    return found
+
+  @functools.cache
+  def inside(computation):
+    return frozenset().union(*(contents(i) for i in computations.get(computation, [])))
+
+  kinds = {}
+  for instrs in computations.values():
+    for instr in instrs:
+      path = instr['op_name']
+      # The source without jit/jvp/loop wrappers: module path and primitive.
+      source = '/'.join(p for p in path.split('/') if '(' not in p and p not in
+                        ('while', 'body', 'closed_call') and not p.endswith('<lambda>'))
+      kinds[instr['name']] = (_kind(instr, contents(instr)),
+                              f"{instr['shape']} {source or '(made by XLA)'}")
+  return kinds
+
+
+def _kind(instr, ops) -> str | None:
+  path = instr['op_name']
+  direction = 'bwd' if 'transpose(' in path else 'fwd'
+  if instr['opcode'] in _CONTROL:
+    return None
+  if ops <= _DATA_MOVEMENT | {'fusion'}:
+    return 'copies, layout, scan'
+  if 'jvp(' not in path:
+    return 'loss, optimizer, rest'
+  if ops & {'convolution', 'dot'} and '/Dense' not in path:
+    return f"conv {'3x3' if 'window' in ops else '1x1'} {direction}"
+  if '/BatchNorm' in path:
+    return f'batch norm {direction}'
+  if '/Dense' in path or 'log_softmax' in path or 'reduce_mean' in path:
+    return 'loss, optimizer, rest'
+  return f'relu, add, other {direction}'
+
+
+def profile_step(hlo_text: str, run, steps: int = 2, top: int = 25) -> dict:
+  """Calls ``run()`` (one step of the compiled module ``hlo_text``; returns something to
+  wait on) ``steps`` times under the profiler; returns per-step ms by kind and per op."""
+  kinds = hlo_kinds(hlo_text)
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    for _ in range(steps):
+      jax.block_until_ready(run())
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(f'{tmp}/**/*.xplane.pb', recursive=True))[-1]
+    data = jax.profiler.ProfileData.from_file(path)
+  # XLA:CPU runs independent ops on several threads at once, so the ops' times can
+  # add up to more than the step's wall time.
+  per_op, unknown = collections.Counter(), 0
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name in kinds:
+          if kinds[event.name][0] is not None:
+            per_op[event.name] += event.duration_ns
+        elif any(k == 'hlo_op' for k, _ in event.stats):
+          unknown += 1  # an executed op this module does not have: must stay 0
+  by_kind = collections.Counter()
+  for name, ns in per_op.items():
+    by_kind[kinds[name][0]] += ns / 1e6 / steps
+  return dict(ms_by_kind={k: by_kind.get(k, 0.0) for k in KINDS},
+              op_ms_total=sum(by_kind.values()), unknown_ops=unknown,
+              top_ops=[dict(op=n, kind=kinds[n][0], ms=ns / 1e6 / steps, about=kinds[n][1])
+                       for n, ns in per_op.most_common(top)])
