@@ -68,46 +68,70 @@ def cifar_resnet(depth, unit='full_preact', bottleneck=False, channels=3, classe
 
 
 # torch.profiler's op names -> the kinds of preact.profile.KINDS.
-_CONV, _CONV_BWD = 'aten::convolution', 'aten::convolution_backward'
+_CONV_BWD = 'autograd::engine::evaluate_function: ConvolutionBackward0'
 _BN = ('aten::native_batch_norm', 'aten::_native_batch_norm_legit',
        'aten::native_batch_norm_backward')
+_KERNEL = 'preact::conv'  # + '1x1' or '3x3': a label around each Conv2d call
 
 
-def torch_kind(event) -> str:
+def torch_kind(event, kernel_of_seq: dict) -> str:
   """The kind of a profiled op, from itself and its callers: a conv (by its kernel's
-  size) or BN op, or anything else, forward or backward; the optimizer and loss apart."""
+  size) or BN op, or anything else, forward or backward; the optimizer and loss apart.
+  ``kernel_of_seq`` maps a forward conv's autograd sequence number to its kernel size,
+  which is how a backward conv is told apart."""
   chain, e = [], event
   while e is not None:
     chain.append(e)
     e = e.cpu_parent
   names = [e.name for e in chain]
-  if any(n.startswith('Optimizer.') for n in names) or 'aten::cross_entropy_loss' in names:
+  if any(n.startswith('Optimizer.') or 'AccumulateGrad' in n for n in names) or \
+      'aten::cross_entropy_loss' in names:
     return 'loss, optimizer, rest'
-  if any('AccumulateGrad' in n for n in names):
-    return 'loss, optimizer, rest'
-  bwd = any(n.startswith('autograd::engine') for n in names)
-  direction = 'bwd' if bwd else 'fwd'
+  direction = 'bwd' if any(n.startswith('autograd::engine') for n in names) else 'fwd'
   for e in chain:
-    if e.name in (_CONV, _CONV_BWD):
-      shapes = e.input_shapes or []
-      weight = shapes[1] if e.name == _CONV else shapes[2] if len(shapes) > 2 else []
-      k = weight[-1] if len(weight) == 4 else 3
-      return f'conv {k}x{k} {direction}'
+    if e.name.startswith(_KERNEL):
+      return f'conv {e.name[len(_KERNEL):]} fwd'
+    if e.name == _CONV_BWD and e.sequence_nr in kernel_of_seq:
+      return f'conv {kernel_of_seq[e.sequence_nr]} bwd'
     if e.name in _BN:
       return f'batch norm {direction}'
   return f'relu, add, other {direction}'
 
 
-def profile(step, steps=2) -> dict:
-  """Per-step ms of the step's ops by kind (self time, so nothing is counted twice)."""
-  from torch.profiler import ProfilerActivity, profile as torch_profile
-  with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-    for _ in range(steps):
-      step()
+def profile(step, model, steps=2) -> dict:
+  """Per-step ms of the step's ops by kind (self time, so nothing is counted twice),
+  after one profiled warm-up step (the profiler's first step runs slower). Shapes are
+  not recorded (that doubles the step's time); convs are labeled by hooks instead."""
+  from torch.autograd.profiler import record_function
+  from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
+  hooks, open_labels = [], []
+  for m in model.modules():
+    if isinstance(m, nn.Conv2d):
+      k = f'{m.kernel_size[0]}x{m.kernel_size[1]}'
+      hooks.append(m.register_forward_pre_hook(
+          lambda *_, k=k: open_labels.append(record_function(_KERNEL + k).__enter__())))
+      hooks.append(m.register_forward_hook(
+          lambda *_: open_labels.pop().__exit__(None, None, None)))
+  events = []
+  try:
+    with torch_profile(activities=[ProfilerActivity.CPU],
+                       schedule=schedule(wait=0, warmup=1, active=steps),
+                       on_trace_ready=lambda p: events.extend(p.events())) as prof:
+      for _ in range(1 + steps):
+        step()
+        prof.step()
+  finally:
+    for h in hooks:
+      h.remove()
+  kernel_of_seq = {}  # the op right under a label carries the conv's sequence number
+  for e in events:
+    if e.sequence_nr >= 0 and e.cpu_parent is not None and \
+        e.cpu_parent.name.startswith(_KERNEL):
+      kernel_of_seq[e.sequence_nr] = e.cpu_parent.name[len(_KERNEL):]
   out = {}
-  for e in prof.events():
+  for e in events:
     if e.self_cpu_time_total:
-      kind = torch_kind(e)
+      kind = torch_kind(e, kernel_of_seq)
       out[kind] = out.get(kind, 0.0) + e.self_cpu_time_total / 1e3 / steps
   return out
 
@@ -162,7 +186,7 @@ def main():
              batch=args.batch, dtype=args.dtype, step_ms=1e3 * s,
              images_per_s=args.batch / s, device=device, threads=torch.get_num_threads())
   if args.profile:
-    out['ms_by_kind'] = profile(step)
+    out['ms_by_kind'] = profile(step, model)
   print(json.dumps(out))
 
 

@@ -80,7 +80,7 @@ def test_pytorch_profile_uses_the_same_kinds():
   def step():
     torch.nn.functional.cross_entropy(net(x), y).backward()
 
-  kinds = torch_ref.profile(step, steps=1)
+  kinds = torch_ref.profile(step, net, steps=1)
   assert set(kinds) <= set(profile.KINDS)
   for kind in profile.KINDS[:6]:
     assert kinds.get(kind, 0) > 0, kind
