@@ -14,13 +14,15 @@ run() {  # name, flags...
   $BENCH "$@" > "$OUT/$name.json" 2> "$OUT/$name.log" || echo "$name failed (see $OUT/$name.log)" >&2
 }
 lscpu | grep -E 'Model name|^CPU\(s\)|Flags' | sed 's/Flags:.*avx512_bf16.*/Flags: ... avx512_bf16 .../' > "$OUT/cpu.txt"
-# ResNet-164, batch 128: as shipped (scan + XLA:CPU conv formulation), unrolled,
-# rematerialized; then bfloat16 compute. (Plain XLA convs, --cpu_conv=off, are compared
-# per conv by --mode=ops: a whole scanned step with them takes minutes.)
+# ResNet-164, batch 128: as shipped (scan, remat auto = on for CPU at this depth, XLA:CPU
+# conv formulation), storing activations instead (--remat=off), unrolled; then bfloat16.
+# (Plain XLA convs, --cpu_conv=off, are compared per conv by --mode=ops: a whole scanned
+# step with them takes minutes.)
 run step_164_f32 --depth=164 --batch=128 --dtype=float32 --torch --steps=5
-run step_164_f32_unrolled --depth=164 --batch=128 --noscan --torch --steps=5
-run step_164_f32_remat --depth=164 --batch=128 --remat --torch --steps=5
+run step_164_f32_noremat --depth=164 --batch=128 --remat=off --torch --steps=5
+run step_164_f32_unrolled --depth=164 --batch=128 --noscan --remat=off --torch --steps=5
 run step_164_bf16 --depth=164 --batch=128 --dtype=bfloat16 --torch --steps=5
+run profile_164 --mode=profile --depth=164 --batch=128 --torch
 run compile --mode=compile
 run ops --mode=ops --steps=6
 run pipeline --mode=pipeline --steps=5
@@ -36,4 +38,8 @@ for f in sorted(out.glob('step_*.json')):
   t = r.get('torch', {})
   print(f"{f.stem:<26} ours {r['images_per_s']:6.1f} img/s  torch {t.get('images_per_s', float('nan')):6.1f}"
         f"  ratio {r.get('ratio_vs_torch', float('nan')):.2f}  mfu {r.get('mfu', float('nan')):.3f}")
+profile = out / 'profile_164.json'
+if profile.exists() and profile.stat().st_size:
+  from preact.cli.bench import _profile_table
+  (out / 'profile_164.txt').write_text(_profile_table(json.loads(profile.read_text())) + '\n')
 PY

@@ -146,6 +146,13 @@ def unit_args(model: ml_collections.ConfigDict) -> dict:
   return {k: v for k, v in model.unit_args.items() if v is not None}
 
 
+def _legacy(key: str, value):
+  """A value as this schema spells it, for configs saved by older versions."""
+  if key == 'model.remat' and isinstance(value, bool):
+    return 'on' if value else 'off'  # remat was a bool before 'auto'
+  return value
+
+
 def from_dict(d: dict) -> ml_collections.ConfigDict:
   """A config saved as JSON (config.json) back into the schema; JSON lists become the
   schema's tuples again."""
@@ -158,9 +165,7 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
         node = node[p]
       if isinstance(node[leaf], tuple) and isinstance(value, list):
         value = tuple(value)
-      if key == 'model.remat' and isinstance(value, bool):
-        value = 'on' if value else 'off'  # configs saved when remat was a bool
-      node[leaf] = value
+      node[leaf] = _legacy(key, value)
     except (KeyError, TypeError) as e:
       raise UserError(f'saved config has a bad key or value {key}={value!r} ({e})') from None
   return c
@@ -177,6 +182,7 @@ def differences(a: dict, b: dict) -> list[str]:
   allowed = set(RUNTIME_KEYS)
   if fa.get('optimizer.schedule') == fb.get('optimizer.schedule') == 'step':
     allowed.add('total_steps')  # extending a step schedule leaves the steps so far alone
+  fa, fb = ({k: _legacy(k, v) for k, v in f.items()} for f in (fa, fb))
   norm = lambda v: json.loads(json.dumps(v, default=list))
   return [f'{k}: {norm(fa.get(k))!r} → {norm(fb.get(k))!r}'
           for k in sorted(set(fa) | set(fb))

@@ -45,7 +45,7 @@ class Conv(nn.Module):
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
     if self.cpu and (kh, kw) == (1, 1):
       sh, sw = self.strides
-      y = jnp.einsum('nhwc,cd->nhwd', x[:, ::sh, ::sw], kernel[0, 0])
+      y = pointwise(x[:, ::sh, ::sw], kernel[0, 0])
     elif self.cpu:
       y = conv_canonical_grads(x, kernel, tuple(self.strides), padding)
     else:
@@ -98,3 +98,28 @@ def _conv_bwd(strides, padding, residuals, dy):
 
 
 conv_canonical_grads.defvjp(_conv_fwd, _conv_bwd)
+
+
+@jax.custom_vjp
+def pointwise(x, w):
+  """A 1×1 convolution as a matmul over the channel axis (NHWC x, (C, D) w).
+
+  Autodiff's weight gradient contracts x and dy over three axes at once, which XLA:CPU
+  runs as a transpose of x and a slow dot (20+ ms at ResNet-164's first-stage shapes);
+  the same sum as one 2-D matmul of the flattened arrays runs 3-4× faster.
+  """
+  return jnp.einsum('nhwc,cd->nhwd', x, w)
+
+
+def _pointwise_fwd(x, w):
+  return pointwise(x, w), (x, w)
+
+
+def _pointwise_bwd(residuals, dy):
+  x, w = residuals
+  dx = jnp.einsum('nhwd,cd->nhwc', dy, w)
+  dw = jnp.dot(x.reshape(-1, w.shape[0]).T, dy.reshape(-1, w.shape[1]))
+  return dx, dw
+
+
+pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)

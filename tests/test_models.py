@@ -133,14 +133,40 @@ def test_bottleneck_projection_shares_preactivation_and_strides_first_1x1():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_matmul_1x1_conv_is_the_same_math():
-  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 5))
-  for stride in (1, 2):
-    a = layers.Conv(7, (1, 1), (stride, stride))
-    b = layers.Conv(7, (1, 1), (stride, stride), cpu=True)
-    v = a.init(jax.random.key(0), x)
-    with jax.default_matmul_precision('highest'):
-      np.testing.assert_allclose(a.apply(v, x), b.apply(v, x), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize('k,stride', [(1, 1), (1, 2), (3, 1), (3, 2)])
+def test_cpu_conv_formulations_are_the_same_math(k, stride):
+  """The XLA:CPU formulations (1×1 as a matmul with a 2-D weight gradient, 3×3 with
+  canonical-layout gradients) against XLA's conv and autodiff: outputs, ∂x and ∂W."""
+  x = jax.random.normal(jax.random.key(1), (2, 9, 9, 5))
+  plain = layers.Conv(7, (k, k), (stride, stride))
+  cpu = layers.Conv(7, (k, k), (stride, stride), cpu=True)
+  v = plain.init(jax.random.key(0), x)
+  dy = jax.random.normal(jax.random.key(2), plain.apply(v, x).shape)
+
+  def value_and_grads(conv):
+    y, vjp = jax.vjp(lambda v, x: conv.apply(v, x), v, x)
+    return y, vjp(dy)
+
+  with jax.default_matmul_precision('highest'):
+    chex_tree_close(value_and_grads(cpu), value_and_grads(plain), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_conv_net_trains_the_same_network():
+  plain = models.cifar_resnet(11, 'full_preact', bottleneck=True, num_classes=3)
+  cpu = plain.clone(cpu_conv=True)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  v = plain.init(jax.random.key(1), x, train=False)
+  v = {k: v[k] for k in ('params', 'batch_stats')}
+
+  def grads(model):
+    def loss(p):
+      out, _ = model.apply({'params': p, 'batch_stats': v['batch_stats']}, x, train=True,
+                           mutable=['batch_stats'])
+      return jnp.sum(out ** 2)
+    return jax.jit(jax.value_and_grad(loss))(v['params'])
+
+  with jax.default_matmul_precision('highest'):
+    chex_tree_close(grads(cpu), grads(plain), rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------

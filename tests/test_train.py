@@ -206,10 +206,14 @@ def test_remat_auto_is_on_for_deep_nets_on_cpu(remat, depth, want):
   assert train.build_model(c, 10).remat is want
 
 
-def test_configs_saved_with_a_boolean_remat_still_load():
+def test_configs_saved_with_a_boolean_remat_still_load_and_resume():
   d = tiny_config().to_dict()
   d['model']['remat'] = True
   assert config_lib.from_dict(d).model.remat == 'on'
+  now = tiny_config(**{'model.remat': 'on'}).to_dict()
+  assert config_lib.differences(d, now) == []
+  assert config_lib.differences(d, tiny_config().to_dict()) == [
+      "model.remat: 'on' → 'auto'"]
 
 
 def test_unknown_config_key_is_a_user_error(tmp_path):
