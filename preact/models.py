@@ -46,7 +46,8 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     layout = get_unit(self.unit, self.unit_args)[0].layout
     conv = functools.partial(layers.Conv, dtype=self.dtype, cpu=self.cpu_conv)
-    norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum,
+    norm = functools.partial(layers.BatchNorm if self.cpu_conv else nn.BatchNorm,
+                             momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=self.dtype,
                              axis_name=self.bn_axis_name)
 

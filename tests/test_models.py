@@ -151,6 +151,33 @@ def test_cpu_conv_formulations_are_the_same_math(k, stride):
     chex_tree_close(value_and_grads(cpu), value_and_grads(plain), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_cpu_batch_norm_is_flax_batch_norm(dtype):
+  """Same variables, outputs, running averages and gradients (∂x, ∂scale, ∂bias) as
+  nn.BatchNorm, in training and in evaluation."""
+  x = 3 + 2 * jax.random.normal(jax.random.key(0), (4, 5, 5, 6))
+  kw = dict(momentum=0.9, epsilon=1e-5, dtype=dtype)
+  flax_bn, ours = nn.BatchNorm(**kw), layers.BatchNorm(**kw)
+  v = flax_bn.init(jax.random.key(1), x, use_running_average=False)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x, use_running_average=False)) \
+      == jax.tree.map(jnp.shape, v)
+  v = {'params': _randomize(v['params'], jax.random.key(2)), 'batch_stats': v['batch_stats']}
+  dy = jax.random.normal(jax.random.key(3), x.shape)
+
+  def train(bn):
+    def f(params, x):
+      y, new = bn.apply({'params': params, 'batch_stats': v['batch_stats']}, x,
+                        use_running_average=False, mutable=['batch_stats'])
+      return y.astype(jnp.float32), new
+    y, vjp, new = jax.vjp(f, v['params'], x, has_aux=True)
+    return y, new, vjp(dy)
+
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  chex_tree_close(train(ours), train(flax_bn), **tol)
+  evaluate = lambda bn: bn.apply(v, x, use_running_average=True)
+  chex_tree_close(evaluate(ours), evaluate(flax_bn), **tol)
+
+
 def test_cpu_conv_net_trains_the_same_network():
   plain = models.cifar_resnet(11, 'full_preact', bottleneck=True, num_classes=3)
   cpu = plain.clone(cpu_conv=True)
