@@ -230,7 +230,7 @@ def conv_profile(depth=164, bottleneck=True, batch=128, reps=5, torch_too=True) 
     pad = ((k // 2, k // 2),) * 2
     plain = lambda x, w: layers._conv(x, w, (s, s), pad)
     if k == 1:
-      ours = lambda x, w: jnp.einsum('nhwc,cd->nhwd', x[:, ::s, ::s], w[0, 0])
+      ours = lambda x, w: layers.pointwise(x[:, ::s, ::s], w[0, 0])
     else:
       ours = lambda x, w: layers.conv_canonical_grads(x, w, (s, s), pad)
     row = dict(h=h, cin=cin, cout=cout, k=k, stride=s, count=count)
