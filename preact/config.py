@@ -49,7 +49,7 @@ def base() -> ml_collections.ConfigDict:
   # Recompute each unit's activations in the backward pass instead of storing them:
   # auto = on for CPU from depth 56, where it is also faster (README, Performance).
   c.model.remat = 'auto'       # auto | on | off
-  c.model.cpu_conv = 'auto'    # XLA:CPU conv formulations: auto (on for CPU) | on | off
+  c.model.cpu_conv = 'auto'    # XLA:CPU conv and BN formulations: auto (on for CPU) | on | off
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 0.1

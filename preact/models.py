@@ -40,7 +40,7 @@ class ResNet(nn.Module):
   bn_axis_name: str | None = None  # 'batch' for BN statistics across replicas
   bn_momentum: float = 0.9  # Torch's momentum 0.1 in Flax's convention
   bn_epsilon: float = 1e-5
-  cpu_conv: bool = False  # XLA:CPU-friendly conv formulations (layers.Conv)
+  cpu_conv: bool = False  # XLA:CPU-friendly conv and BN formulations (layers)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:

@@ -43,6 +43,9 @@ def test_preact_bench_command_prints_ours_beside_pytorch():
   r = json.loads(out.strip().splitlines()[-1])
   assert r['torch']['params'] == r['params'] == 77_850
   assert r['ratio_vs_torch'] == pytest.approx(r['images_per_s'] / r['torch']['images_per_s'])
+  before, after = r['torch_runs']  # PyTorch on either side of ours; the ratio uses the mean
+  assert r['torch']['images_per_s'] == pytest.approx(
+      (before['images_per_s'] + after['images_per_s']) / 2)
   out = run_cli('bench', '--mode=compile', '--depths=8,14', '--nobottleneck', '--batch=8',
                 '--json', check=True).stdout
   r = json.loads(out.strip().splitlines()[-1])
