@@ -188,10 +188,9 @@ def batch_norm_train(x, scale, bias, epsilon, axis_name):
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
-  mu, raw_var = _batch_stats(x, axis_name)
-  var = jnp.maximum(0.0, raw_var)
-  y = _normalize(x, mu, var, scale, bias, epsilon)
-  return (y, mu, var), (x, scale, mu, jax.lax.rsqrt(var + epsilon), raw_var > 0)
+  y, mu, var = batch_norm_train(x, scale, bias, epsilon, axis_name)
+  # A variance clipped to 0 is a constant: its channels get no gradient through it.
+  return (y, mu, var), (x, scale, mu, jax.lax.rsqrt(var + epsilon), var > 0)
 
 
 def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
@@ -203,8 +202,7 @@ def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
   mean_g, mean_gx = dbias / n, dscale / n
   if axis_name is not None:  # statistics over all replicas: so are their gradients
     mean_g, mean_gx = jax.lax.pmean(jnp.stack([mean_g, mean_gx]), axis_name)
-  # ∂/∂x of (x − μ)·rstd with μ and var of the whole batch; a clipped variance is a
-  # constant.
+  # ∂/∂x of (x − μ)·rstd with μ and var of the whole batch.
   dx = (scale * rstd) * (g - mean_g - xhat * jnp.where(var_used, mean_gx, 0.0))
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
