@@ -40,6 +40,6 @@ for f in sorted(out.glob('step_*.json')):
         f"  ratio {r.get('ratio_vs_torch', float('nan')):.2f}  mfu {r.get('mfu', float('nan')):.3f}")
 profile = out / 'profile_164.json'
 if profile.exists() and profile.stat().st_size:
-  from preact.cli.bench import _profile_table
-  (out / 'profile_164.txt').write_text(_profile_table(json.loads(profile.read_text())) + '\n')
+  from preact import profile as op_profile
+  (out / 'profile_164.txt').write_text(op_profile.table(json.loads(profile.read_text())) + '\n')
 PY

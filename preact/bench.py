@@ -28,8 +28,6 @@ def build_model(depth=164, bottleneck=True, unit='full_preact', dtype='float32',
   c = config_lib.base()
   c.model.depth, c.model.bottleneck, c.model.unit, c.model.one_layer = (depth, bottleneck,
                                                                         unit, one_layer)
-  if isinstance(remat, bool):
-    remat = 'on' if remat else 'off'
   c.model.dtype, c.model.scan, c.model.remat, c.model.cpu_conv = dtype, scan, remat, cpu_conv
   return train.build_model(c, num_classes)
 

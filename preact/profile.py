@@ -97,6 +97,23 @@ def _kind(instr, ops) -> str | None:
   return f'relu, add, other {direction}'
 
 
+def table(out: dict) -> str:
+  """``preact-bench --mode=profile``'s output as text: kinds side by side, then our
+  costliest ops."""
+  ours, ref = out['ours'], out.get('torch', {})
+  theirs = ref.get('ms_by_kind', {})
+  rows = [f"{'kind of op':<24} {'ours ms':>9} {'PyTorch ms':>11} {'ours/PyTorch':>13}"]
+  for kind, ms in ours['ms_by_kind'].items():
+    t = theirs.get(kind, 0.0)
+    ratio = f'{ms / t:13.2f}' if t else f"{'-':>13}"
+    rows.append(f'{kind:<24} {ms:9.0f} {t:11.0f} {ratio}')
+  rows.append(f"{'all ops (sum)':<24} {ours['op_ms_total']:9.0f} {sum(theirs.values()):11.0f}")
+  rows.append(f"{'step (wall)':<24} {ours['step_ms']:9.0f} {ref.get('step_ms', 0.0):11.0f}")
+  rows += ['', 'our costliest ops (ms per step):']
+  rows += [f"{o['ms']:8.1f}  {o['kind']:<22} {o['about']}" for o in ours['top_ops']]
+  return '\n'.join(rows)
+
+
 def profile_step(hlo_text: str, run, steps: int = 2, top: int = 25) -> dict:
   """Calls ``run()`` (one step of the compiled module ``hlo_text``; returns something to
   wait on) ``steps`` times under the profiler; returns per-step ms by kind and per op."""

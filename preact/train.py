@@ -51,8 +51,9 @@ REMAT_AUTO_DEPTH = 56
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
   m = config.model
   cpu = jax.default_backend() == 'cpu'
-  cpu_conv = {'on': True, 'off': False}.get(m.cpu_conv, cpu)
-  remat = {'on': True, 'off': False}.get(m.remat, cpu and m.depth >= REMAT_AUTO_DEPTH)
+  switch = lambda setting, auto: {'on': True, 'off': False}.get(setting, auto)
+  cpu_conv = switch(m.cpu_conv, cpu)
+  remat = switch(m.remat, cpu and m.depth >= REMAT_AUTO_DEPTH)
   kwargs = dict(unit_args=config_lib.unit_args(m) or None, zero_init_last=m.zero_init_last,
                 dtype=jnp.dtype(m.dtype), scan=m.scan, remat=remat,
                 bn_axis_name=parallel.AXIS if config.bn_cross_replica else None,

@@ -31,7 +31,7 @@ def test_bench_train_reports_speed_memory_and_mfu():
 
 def test_remat_plans_less_memory_and_compile_only_runs_nothing():
   plain = bench.bench_train(bench.build_model(20, False), batch=8, steps=0)
-  remat = bench.bench_train(bench.build_model(20, False, remat=True), batch=8, steps=0)
+  remat = bench.bench_train(bench.build_model(20, False, remat='on'), batch=8, steps=0)
   assert plain['step_ms'] != plain['step_ms']  # NaN: compiled, not run
   assert 0 < remat['peak_mem_gb'] < plain['peak_mem_gb']
 

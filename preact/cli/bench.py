@@ -83,7 +83,7 @@ def _step(bench):
 
 def _torch(bench, model, steps=None, **kw):
   """The PyTorch reference of this network (its parameter count asserted equal)."""
-  params = bench.models.size_and_flops(model, (32, 32, 3))[0]
+  params = bench.models.count_params(bench.models.init_shapes(model, (32, 32, 3))['params'])
   ref = bench.torch_reference(_DEPTH.value, _BOTTLENECK.value, _UNIT.value, _BATCH.value,
                               steps=steps or _STEPS.value, expect_params=params,
                               dtype=_DTYPE.value, **kw)
@@ -160,26 +160,10 @@ def _profile(bench):
   return out
 
 
-def _profile_table(out):
-  ours, ref = out['ours'], out.get('torch', {})
-  theirs = ref.get('ms_by_kind', {})
-  rows = [f"{'kind of op':<24} {'ours ms':>9} {'PyTorch ms':>11} {'ours/PyTorch':>13}"]
-  for kind, ms in ours['ms_by_kind'].items():
-    t = theirs.get(kind, 0.0)
-    ratio = f'{ms / t:13.2f}' if t else f"{'-':>13}"
-    rows.append(f'{kind:<24} {ms:9.0f} {t:11.0f} {ratio}')
-  t_sum = sum(theirs.values())
-  rows.append(f"{'all ops (sum)':<24} {ours['op_ms_total']:9.0f} {t_sum:11.0f}")
-  rows.append(f"{'step (wall)':<24} {ours['step_ms']:9.0f} {ref.get('step_ms', 0.0):11.0f}")
-  rows.append('')
-  rows.append('our costliest ops (ms per step):')
-  rows += [f"{o['ms']:8.1f}  {o['kind']:<22} {o['about']}" for o in ours['top_ops']]
-  return '\n'.join(rows)
-
-
 def _table(out):
   if 'ours' in out:
-    return _profile_table(out)
+    from preact import profile
+    return profile.table(out)
   return '\n'.join(f'{k:<28} {v:.4g}' if isinstance(v, float) else f'{k:<28} {v}'
                    for k, v in out.items())
 
