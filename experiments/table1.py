@@ -3,10 +3,12 @@
   --config=experiments/table1.py:exclusive_gating_b6[,seed=N][,mini]
 """
 
-from preact.paper import Row, table_config, warmup_rule
+from preact.paper import Row, table_config
 
 ROWS = {  # row: unit, published test error % (None = "fail"), shortcut parameters
     'original': Row('original', 6.61),
+    # λ = 0 with F unscaled: no shortcut at all, "fail — this is a plain net".
+    'constant_scaling_0_1': Row('constant_scaling', None, unit_args=dict(scale=0.0, branch_scale=1.0)),
     'constant_scaling_0.5_1': Row('constant_scaling', None, unit_args=dict(scale=0.5, branch_scale=1.0)),
     'constant_scaling_0.5_0.5': Row('constant_scaling', 12.35, unit_args=dict(scale=0.5, branch_scale=0.5)),
     # The paper's row covers b_g = 0 … −5, all "fail"; b_g = 0 stands for it.
@@ -21,5 +23,4 @@ ROWS = {  # row: unit, published test error % (None = "fail"), shortcut paramete
 
 
 def get_config(arg='original'):
-  return table_config('table1', ROWS, arg, base_depth=110, depths={110: False},
-                      warmup=warmup_rule)
+  return table_config('table1', ROWS, arg, base_depth=110, depths={110: False})

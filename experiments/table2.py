@@ -3,7 +3,7 @@
   --config=experiments/table2.py:full_preact,depth=164[,seed=N][,mini]
 """
 
-from preact.paper import Row, table_config, warmup_rule
+from preact.paper import Row, table_config
 
 ROWS = {  # row: unit, published test error % at depth 110 / 164
     'original': Row('original', {110: 6.61, 164: 5.93}),
@@ -15,5 +15,4 @@ ROWS = {  # row: unit, published test error % at depth 110 / 164
 
 
 def get_config(arg='full_preact,depth=164'):
-  return table_config('table2', ROWS, arg, base_depth=164, depths={110: False, 164: True},
-                      warmup=warmup_rule)
+  return table_config('table2', ROWS, arg, base_depth=164, depths={110: False, 164: True})

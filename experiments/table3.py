@@ -3,7 +3,7 @@
   --config=experiments/table3.py:c10_1001_full_preact[,seed=N]
 """
 
-from preact.paper import Row, table_config, warmup_rule
+from preact.paper import Row, table_config
 
 _SETTINGS = {  # setting: depth, dataset, 1-layer skip, (original %, pre-activation %)
     'c10_110_1layer': (110, 'cifar10', True, (9.90, 8.91)),
@@ -23,4 +23,4 @@ ROWS = {
 
 def get_config(arg='c10_1001_full_preact'):
   return table_config('table3', ROWS, arg, base_depth=164,
-                      depths={110: False, 164: True, 1001: True}, warmup=warmup_rule)
+                      depths={110: False, 164: True, 1001: True})

@@ -4,7 +4,7 @@ Needs imagenet2012 prepared by TFDS (archives in --config.manual_dir).
   --config=experiments/table5.py:resnet200_preact_320 --config.manual_dir=/data/imagenet
 """
 
-from preact.paper import Row, table_config
+from preact.paper import Row, imagenet_recipe, table_config
 
 _320 = {'augment.eval_resize': 320, 'augment.eval_crop': 320}
 ROWS = {  # row: unit, top-1 %, top-5 %
@@ -24,4 +24,4 @@ ROWS = {  # row: unit, top-1 %, top-5 %
 
 
 def get_config(arg='resnet200_preact_320'):
-  return table_config('table5', ROWS, arg, base_depth=200)
+  return table_config('table5', ROWS, arg, base_depth=200, recipe=imagenet_recipe)

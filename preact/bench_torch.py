@@ -24,10 +24,12 @@ def _ops(names, channels):
 
 
 class Unit(nn.Module):
-  def __init__(self, placement, cin, cout, stride, branch, project):
+  """preact.units.ResidualUnit for one placement, identity or first-of-stage."""
+
+  def __init__(self, placement, cin, cout, stride, branch, first, activated, shortcut):
     super().__init__()
     p = PLACEMENTS[placement]
-    self.before = nn.Sequential(*_ops(p.before, cin))
+    self.before = nn.Sequential(*([] if activated else _ops(p.before, cin)))
     layers, c = [], cin
     for i, (k, div) in enumerate(BRANCHES[branch]):
       if i:
@@ -35,15 +37,20 @@ class Unit(nn.Module):
       layers.append(nn.Conv2d(c, cout // div, k, stride if i == 0 else 1, k // 2, bias=False))
       c = cout // div
     self.branch = nn.Sequential(*layers, *_ops(p.after_branch, cout))
+    self.first, self.stride, self.pad = first, stride, cout - cin
     self.proj = None
-    if project:
+    if (stride != 1 or cin != cout) and shortcut == 'projection':
       self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
                                 *([nn.BatchNorm2d(cout)] if p.normalized_branch else []))
     self.after = nn.Sequential(*_ops(p.after_add, cout))
 
   def forward(self, x):
     y = self.before(x)
-    h = x if self.proj is None else self.proj(y)
+    h = y if self.first else x
+    if self.proj is not None:
+      h = self.proj(h)
+    elif self.stride != 1 or self.pad:  # option A, NCHW
+      h = nn.functional.pad(h[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.pad))
     return self.after(h + self.branch(y))
 
 
@@ -51,15 +58,14 @@ def cifar_resnet(depth, unit='full_preact', bottleneck=False, channels=3, classe
   branch = 'bottleneck' if bottleneck else 'basic'
   n = (depth - 2) // (9 if bottleneck else 6)
   widths = (64, 128, 256) if bottleneck else (16, 32, 64)
+  shortcut = 'projection' if bottleneck else 'zero_pad'  # as preact.models.cifar_resnet
   p = PLACEMENTS[unit]
-  layers = [nn.Conv2d(channels, 16, 3, 1, 1, bias=False)]
-  if not p.preactivated_input:
-    layers += _ops(('bn', 'relu'), 16)
+  layers = [nn.Conv2d(channels, 16, 3, 1, 1, bias=False), *_ops(('bn', 'relu'), 16)]
   cin = 16
-  for width, stride in zip(widths, (1, 2, 2)):
+  for s, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
     for j in range(n):
-      s = stride if j == 0 else 1
-      layers.append(Unit(unit, cin, width, s, branch, project=s != 1 or cin != width))
+      layers.append(Unit(unit, cin, width, stride if j == 0 else 1, branch, first=j == 0,
+                         activated=s == j == 0, shortcut=shortcut))
       cin = width
   if p.raw_output:
     layers += _ops(('bn', 'relu'), cin)

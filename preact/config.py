@@ -8,7 +8,7 @@ import json
 
 import ml_collections
 
-from preact import units
+from preact import data, units
 from preact.errors import UserError
 
 # Keys a resumed run may change: they affect bookkeeping, never the trajectory.
@@ -25,6 +25,9 @@ def base() -> ml_collections.ConfigDict:
   c.batch_size = 128           # global, over all devices and hosts
   c.eval_batch_size = 500
   c.total_steps = 64_000
+  # > 0: the run's length in epochs of the train split, ceil(examples / batch_size) steps
+  # each as in fb.resnet.torch; it then sets total_steps.
+  c.total_epochs = 0.0
   c.seed = 0
   c.checkpoint_every = 2_000
   c.keep_checkpoints = 3
@@ -39,6 +42,10 @@ def base() -> ml_collections.ConfigDict:
   c.model.depth = 164
   c.model.bottleneck = True
   c.model.one_layer = False    # Table 3's "1-layer skip" units
+  # A stage's first unit changes shape through: auto (the paper's: projection for
+  # bottleneck and ImageNet nets, zero_pad for basic and 1-layer CIFAR nets) | projection
+  # (1×1 conv) | zero_pad (option A of He et al., CVPR 2016: no parameters)
+  c.model.shortcut = 'auto'
   # Shortcut parameters (paper Fig. 2); unset ones take the unit's defaults.
   c.model.unit_args = ml_collections.ConfigDict(
       {k: ml_collections.config_dict.placeholder(float)
@@ -59,8 +66,12 @@ def base() -> ml_collections.ConfigDict:
   c.optimizer.decay = 'all'            # all (the authors' Torch code) | weights (kernels)
   c.optimizer.schedule = 'step'        # step | cosine
   c.optimizer.boundaries = (32_000, 48_000)
+  # Non-empty: the boundaries in epochs instead (after that many epochs, as total_epochs).
+  c.optimizer.boundary_epochs = ()
   c.optimizer.decay_factor = 0.1
-  c.optimizer.warmup_steps = 0         # at warmup_lr, then lr (ResNet-110/1001 original)
+  # The paper's appendix: "for all CIFAR experiments we warm up the training by using a
+  # smaller learning rate of 0.01 at the beginning 400 iterations".
+  c.optimizer.warmup_steps = 400       # at warmup_lr, then lr
   c.optimizer.warmup_lr = 0.01
 
   c.augment = ml_collections.ConfigDict()
@@ -89,13 +100,14 @@ def base() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    'dataset': ('cifar10', 'cifar100', 'fashion_mnist', 'imagenet2012'),
+    'dataset': tuple(data.DATASETS),
     'progress': ('auto', 'bar', 'log'),
     'model.arch': ('cifar', 'imagenet'),
     'augment.imagenet': ('scale', 'scale_aspect'),
     'model.unit': tuple(units.UNITS),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
     'model.cpu_conv': ('auto', 'on', 'off'),
+    'model.shortcut': ('auto', 'projection', 'zero_pad'),
     'model.remat': ('auto', 'on', 'off'),
     'optimizer.decay': ('all', 'weights'),
     'optimizer.schedule': ('step', 'cosine'),
@@ -133,6 +145,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not isinstance(got[key], int) or got[key] < 1:
       raise UserError(f'{key} must be a positive integer, got {got[key]!r}')
   o = config.optimizer
+  _resolve_epochs(config)
   if list(o.boundaries) != sorted(o.boundaries):
     raise UserError(f'optimizer.boundaries must increase, got {tuple(o.boundaries)}')
   try:
@@ -140,6 +153,25 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   except ValueError as e:
     raise UserError(str(e)) from None
   return config
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+  """Steps in one pass over the train split: fb.resnet.torch's DataLoader:size(),
+  ceil(examples / batch); our batches are all full, drawn from a fresh permutation."""
+  return -(-data.spec(config.dataset).train_examples // config.batch_size)
+
+
+def _resolve_epochs(config: ml_collections.ConfigDict) -> None:
+  """Epoch-based durations into steps, so that the rest of the code reads steps only."""
+  epochs, bounds = config.total_epochs, tuple(config.optimizer.boundary_epochs)
+  if epochs < 0 or any(b <= 0 for b in bounds):
+    raise UserError(f'total_epochs and optimizer.boundary_epochs must be positive, got '
+                    f'{epochs} and {bounds}')
+  per_epoch = steps_per_epoch(config)
+  if epochs:
+    config.total_steps = int(-(-epochs * per_epoch // 1))
+  if bounds:
+    config.optimizer.boundaries = tuple(int(round(b * per_epoch)) for b in bounds)
 
 
 def unit_args(model: ml_collections.ConfigDict) -> dict:

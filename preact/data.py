@@ -29,6 +29,7 @@ DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 @dataclasses.dataclass(frozen=True)
 class Spec:
   num_classes: int
+  train_examples: int
   mean: tuple[float, ...] | None  # per channel, 0–255 scale; None: computed from train
   std: tuple[float, ...] | None
   streaming: bool = False         # too large for host memory: tf.data per-process shards
@@ -36,12 +37,11 @@ class Spec:
 
 
 DATASETS = {
-    # GUIDE.md §3 (fb.resnet.torch's CIFAR-10 constants).
-    'cifar10': Spec(10, (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
-    # fb.resnet.torch's CIFAR-100 constants.
-    'cifar100': Spec(100, (129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
-    'fashion_mnist': Spec(10, None, None),
-    'imagenet2012': Spec(1000, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375),
+    # fb.resnet.torch's constants (datasets/cifar10.lua, cifar100.lua), 0–255 scale.
+    'cifar10': Spec(10, 50_000, (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
+    'cifar100': Spec(100, 50_000, (129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
+    'fashion_mnist': Spec(10, 60_000, None, None),
+    'imagenet2012': Spec(1000, 1_281_167, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375),
                          streaming=True, eval_split='validation'),
 }
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from preact import layers
-from preact.units import ResidualUnit, get_unit
+from preact.units import SHORTCUTS, ResidualUnit, get_unit
 
 # Collections stacked along the scan axis: one slice per unit.
 _SCANNED = {'params': 0, 'batch_stats': 0, 'perturbations': 0, 'intermediates': 0}
@@ -29,6 +29,9 @@ class ResNet(nn.Module):
   widths: Sequence[int] = (64, 128, 256)
   strides: Sequence[int] = (1, 2, 2)
   branch: str = 'bottleneck'
+  # How the first unit of a stage changes shape: 'projection' (a 1×1 conv) or
+  # 'zero_pad' (option A of He et al., CVPR 2016: subsample, zero-fill new channels).
+  shortcut: str = 'projection'
   stem: str = 'cifar'  # 'cifar': one 3×3 conv; 'imagenet': 7×7/2 conv, 3×3/2 max pool
   stem_width: int = 16
   num_classes: int = 10
@@ -45,6 +48,8 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     layout = get_unit(self.unit, self.unit_args)[0].layout
+    if self.shortcut not in SHORTCUTS:
+      raise ValueError(f'unknown shortcut {self.shortcut!r}; valid: {", ".join(SHORTCUTS)}')
     conv = functools.partial(layers.Conv, dtype=self.dtype, cpu=self.cpu_conv)
     norm = functools.partial(layers.BatchNorm if self.cpu_conv else nn.BatchNorm,
                              momentum=self.bn_momentum,
@@ -54,10 +59,11 @@ class ResNet(nn.Module):
     imagenet = self.stem == 'imagenet'
     x = conv(self.stem_width, (7, 7) if imagenet else (3, 3), (2, 2) if imagenet else (1, 1),
              name='stem')(x)
-    # A unit that starts with BN-ReLU normalizes its own input; the others expect an
-    # activated one, as in the original ResNet.
-    if not layout.preactivated_input:
-      x = nn.relu(norm(name='stem_bn')(x, use_running_average=not train))
+    # Every net activates conv1's output before the first unit splits into branch and
+    # shortcut: the original ResNet as always, pre-activation nets because the paper's
+    # appendix adopts "the first activation right after conv1 and before splitting into
+    # two paths" (preresnet.lua: conv1-BN-ReLU, then a 'no_preact' first unit).
+    x = nn.relu(norm(name='stem_bn')(x, use_running_average=not train))
     if imagenet:
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
 
@@ -68,7 +74,7 @@ class ResNet(nn.Module):
       make = functools.partial(unit_cls, unit=self.unit, features=width, branch=self.branch,
                                unit_args=self.unit_args, zero_init_last=self.zero_init_last,
                                conv=conv, norm=norm)
-      x = make(strides=stride, project=stride != 1 or x.shape[-1] != width,
+      x = make(strides=stride, first=True, activated_input=s == 0, shortcut=self.shortcut,
                name=f'stage{s + 1}_unit1')(x, train)
       if n > 1 and self.scan:
         body = nn.scan(lambda unit, carry, _: (unit(carry, train), None),
@@ -105,11 +111,16 @@ def cifar_branch(bottleneck: bool = False, one_layer: bool = False) -> str:
 
 
 def cifar_resnet(depth: int, unit: str = 'full_preact', bottleneck: bool = False,
-                 one_layer: bool = False, num_classes: int = 10, **kwargs) -> ResNet:
+                 one_layer: bool = False, num_classes: int = 10, shortcut: str = 'auto',
+                 **kwargs) -> ResNet:
   """The authors' CIFAR ResNet (resnet-pre-act.lua): 3 stages, 16-channel 3×3 stem.
 
   Basic units give depth 6n+2 (widths 16/32/64), bottleneck units 9n+2 (outputs
   64/128/256, inner width out/4), the "1-layer skip" unit 3n+2 (widths 16/32/64).
+
+  ``shortcut='auto'`` is the paper's choice at a stage change: bottleneck nets project
+  with a 1×1 conv (appendix, resnet-pre-act.lua); basic and 1-layer nets follow the
+  CIFAR nets of He et al. (CVPR 2016), "identity shortcuts in all cases" (option A).
   """
   branch = cifar_branch(bottleneck, one_layer)
   per_unit, form, examples = CIFAR_DEPTH[branch]
@@ -122,8 +133,10 @@ def cifar_resnet(depth: int, unit: str = 'full_preact', bottleneck: bool = False
   n = (depth - 2) // per_unit
   widths = (64, 128, 256) if branch == 'bottleneck' else (16, 32, 64)
   _check_unit_args(unit, kwargs)
+  if shortcut == 'auto':
+    shortcut = 'projection' if branch == 'bottleneck' else 'zero_pad'
   return ResNet(unit=unit, stage_sizes=(n, n, n), widths=widths, strides=(1, 2, 2),
-                branch=branch, stem='cifar', stem_width=16, num_classes=num_classes, **kwargs)
+                branch=branch, shortcut=shortcut, stem='cifar', stem_width=16, num_classes=num_classes, **kwargs)
 
 
 def _check_unit_args(unit: str, kwargs: dict):
@@ -139,8 +152,23 @@ IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3
 
 
 def imagenet_resnet(depth: int, unit: str = 'full_preact', num_classes: int = 1000,
-                    **kwargs) -> ResNet:
-  """ImageNet ResNet-18…200: basic units below 50 layers, bottleneck from 50 on."""
+                    shortcut: str = 'auto', **kwargs) -> ResNet:
+  """ImageNet ResNet-18…200 (paper Table 5): basic units below 50 layers, bottleneck
+  from 50 on, stages of 64/128/256/512 inner channels (outputs ×4 for bottlenecks).
+
+  * Stem: a 7×7 conv with stride 2 (64 channels), BN-ReLU, a 3×3 max pool with
+    stride 2; every variant activates conv1 before the first unit, as the paper's
+    appendix does for pre-activation and the original ResNet always did.
+  * Stride: on the first conv of a stage's first unit, i.e. the first 1×1 of a
+    bottleneck, as in the authors' Caffe nets of He et al. (CVPR 2016).
+    fb.resnet.torch (preresnet.lua, resnet.lua) and timm put it on the 3×3 instead.
+  * Shortcuts: identity, except at a stage's first unit, whose shortcut is a strided
+    1×1 conv ('auto' = projection, fb.resnet.torch's type B), reading the unit's
+    pre-activation in pre-activation nets and with a BN after it where the branch
+    ends in BN (the original unit).
+  * End: BN-ReLU where the last unit ends in a bare addition, global average pool,
+    a 1000-way linear classifier.
+  """
   if depth not in IMAGENET_STAGES:
     raise ValueError(f'no ImageNet ResNet of depth {depth}; valid depths: '
                      f'{", ".join(map(str, IMAGENET_STAGES))}')
@@ -149,6 +177,7 @@ def imagenet_resnet(depth: int, unit: str = 'full_preact', num_classes: int = 10
   _check_unit_args(unit, kwargs)
   return ResNet(unit=unit, stage_sizes=IMAGENET_STAGES[depth], widths=widths,
                 strides=(1, 2, 2, 2), branch='bottleneck' if bottleneck else 'basic',
+                shortcut='projection' if shortcut == 'auto' else shortcut,
                 stem='imagenet', stem_width=64, num_classes=num_classes, **kwargs)
 
 

@@ -17,8 +17,6 @@ import dataclasses
 
 from preact import config as config_lib
 
-IMAGENET_TRAIN = 1_281_167
-
 
 @dataclasses.dataclass(frozen=True)
 class Row:
@@ -65,27 +63,31 @@ def set_flat(c, key: str, value):
 
 
 def cifar_recipe(c, dataset: str = 'cifar10'):
-  """The authors' CIFAR recipe (GUIDE.md §3): SGD 0.9 Nesterov, wd 1e-4 on every
-  parameter, batch 128, lr 0.1 ÷10 at 32k and 48k, 64k iterations."""
+  """The authors' CIFAR recipe (paper appendix; fb.resnet.torch): SGD with momentum 0.9
+  (Nesterov in the Torch code), weight decay 1e-4 on every parameter, batch 128, lr 0.1
+  ÷10 at 32k and 48k iterations, 64k iterations, and on every row a warm-up at lr 0.01
+  for the first 400 iterations ("for all CIFAR experiments")."""
   c.dataset = dataset
   c.batch_size = 128
   c.total_steps = 64_000
   c.optimizer.lr, c.optimizer.momentum, c.optimizer.nesterov = 0.1, 0.9, True
   c.optimizer.weight_decay, c.optimizer.decay = 1e-4, 'all'
   c.optimizer.schedule, c.optimizer.boundaries = 'step', (32_000, 48_000)
+  c.optimizer.warmup_steps, c.optimizer.warmup_lr = 400, 0.01
   c.augment.crop_padding, c.augment.flip = 4, True
   c.eval_every = c.checkpoint_every = 2_000
 
 
 def imagenet_recipe(c):
-  """lr 0.1 ÷10 at epochs 30 and 60 (90 epochs), batch 256, no warm-up."""
-  steps_per_epoch = -(-IMAGENET_TRAIN // 256)
+  """lr 0.1 ÷10 at epochs 30 and 60 (90 epochs), batch 256, no warm-up ("no warming
+  up" on ImageNet, paper appendix)."""
   c.dataset = 'imagenet2012'
   c.model.arch = 'imagenet'
   c.batch_size = 256
-  c.total_steps = 90 * steps_per_epoch
-  c.optimizer.boundaries = (30 * steps_per_epoch, 60 * steps_per_epoch)
+  c.total_epochs = 90
+  c.optimizer.boundary_epochs = (30, 60)
   c.optimizer.schedule, c.optimizer.warmup_steps = 'step', 0
+  steps_per_epoch = config_lib.steps_per_epoch(c)
   c.eval_every = c.checkpoint_every = 5 * steps_per_epoch
   c.eval_batch_size = 500
 
@@ -94,26 +96,33 @@ def mini(c, depth: int):
   """The small-scale setting on Fashion-MNIST for a 2-core CPU: depth 110 → ResNet-20
   (basic, 3 units a stage; one-layer units: 6 a stage), 164 → ResNet-20 bottleneck (2
   units a stage), ImageNet rows → ResNet-20 of their unit; 300 steps of 64 (~1/3 epoch)
-  with the same step schedule shape (÷10 at 50% and 75%)."""
+  with the same step schedule shape (÷10 at 50% and 75%), warm-up shortened to 20 steps
+  at lr 0.01."""
   c.dataset = 'fashion_mnist'
   c.model.arch = 'cifar'  # ImageNet rows too: their unit, on the small network
   c.model.depth = 20
   c.model.bottleneck = depth in (164, 1001) and not c.model.one_layer
   c.batch_size = 64
-  c.total_steps = 300
-  c.optimizer.boundaries = (150, 225)
-  c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, 20)
+  c.total_steps, c.total_epochs = 300, 0.0
+  c.optimizer.boundaries, c.optimizer.boundary_epochs = (150, 225), ()
+  c.optimizer.warmup_steps, c.optimizer.warmup_lr = 20, 0.01
   c.augment.crop_padding = 0
   c.eval_every = c.checkpoint_every = 100
   c.log_every = 20
   c.eval_batch_size = 1000
 
 
+def bottleneck(depth: int) -> bool:
+  """The paper's block at a CIFAR depth: bottleneck for 164 and 1001 (and any 9n+2 that
+  is not 6n+2), basic otherwise."""
+  return depth in (164, 1001) or (depth - 2) % 6 != 0
+
+
 def table_config(table: str, rows: dict[str, Row], arg: str, base_depth: int,
-                 dataset: str = 'cifar10', depths: dict | None = None, warmup=None):
-  """The config of one row. ``depths`` maps a depth to its block (True: bottleneck) and
-  its published error if the row has one per depth; ``warmup(row, depth)`` says whether
-  the paper warmed up at lr 0.01 for ~400 iterations."""
+                 recipe=cifar_recipe, depths: dict | None = None):
+  """The config of one row: ``recipe(c)`` (:func:`cifar_recipe`, :func:`imagenet_recipe`)
+  then the row's changes. ``depths`` maps a depth to its block (True: bottleneck) where
+  the table fixes it; otherwise the paper's block for the depth."""
   row_name, options = parse_arg(arg, rows)
   row = rows[row_name]
   depth = options.pop('depth', row.depth or base_depth)
@@ -122,19 +131,15 @@ def table_config(table: str, rows: dict[str, Row], arg: str, base_depth: int,
   if options:
     raise ValueError(f'unknown option(s) {", ".join(options)}; use depth=, seed=, mini')
   c = config_lib.base()
-  if table == 'table5':
-    imagenet_recipe(c)
-  else:
-    cifar_recipe(c, dataset)
+  recipe(c)
   c.model.unit = row.unit
   c.model.depth = depth
-  c.model.bottleneck = depth in (164, 1001) if depths is None else depths.get(depth, False)
-  if table == 'table5':
+  if c.model.arch == 'imagenet':
     c.model.bottleneck = depth >= 50
+  else:
+    c.model.bottleneck = bottleneck(depth) if depths is None else depths.get(depth, False)
   for key, value in row.unit_args.items():
     c.model.unit_args[key] = float(value)
-  if warmup is not None and warmup(row, depth):
-    c.optimizer.warmup_steps, c.optimizer.warmup_lr = 400, 0.01
   for key, value in row.overrides.items():
     set_flat(c, key, value)
   error = row.error
@@ -153,10 +158,3 @@ def table_config(table: str, rows: dict[str, Row], arg: str, base_depth: int,
     mini(c, depth)
     c.paper.mini = True
   return c
-
-
-def warmup_rule(row: Row, depth: int) -> bool:
-  """The paper warms up (lr 0.01 for ~400 iterations) ResNet-110 with the original unit
-  and ResNet-1001; pre-activation ResNet-110 needs none (appendix)."""
-  from preact import units
-  return depth >= 1001 or (depth == 110 and units.UNITS[row.unit].placement == 'original')

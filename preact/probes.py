@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from preact import models
+from preact import models, paper
 
 
 @dataclasses.dataclass
@@ -75,27 +75,27 @@ def probe_loss(model, variables, perturbations, images, labels, train, rng):
 
 @functools.partial(jax.jit, static_argnames=('model', 'train'))
 def _probe(model, variables, perturbations, images, labels, train, rng):
+  """Per unit: Σ(∂L/∂x_l)², Σ ∂L/∂x_l · ∂L/∂x_L(stage) and ‖x_l‖² as float32 sums; the
+  host takes the roots and quotients in float64 (:func:`gradient_probe`)."""
   (loss, inter), grads = jax.value_and_grad(
       functools.partial(probe_loss, model, variables), has_aux=True)(
           perturbations, images, labels, train, rng)
   g_blocks, x_blocks = models.unit_blocks(grads), models.unit_blocks(inter)
-  cols = {k: [] for k in ('stage', 'grad_norm', 'ratio', 'cosine', 'act_norm')}
-  norm = lambda b: jnp.sqrt(jnp.sum(jnp.square(b), axis=tuple(range(1, b.ndim))))
+  cols = {k: [] for k in ('stage', 'grad_sq', 'dot', 'last', 'act_sq')}
+  total = lambda b: jnp.sum(b, axis=tuple(range(1, b.ndim)))
+  offset = 0
   for s in sorted(g_blocks):
     last = g_blocks[s][-1][-1]
-    last_norm = jnp.sqrt(jnp.sum(jnp.square(last)))
+    n = sum(g.shape[0] for g in g_blocks[s])
     for g, x in zip(g_blocks[s], x_blocks[s]):
-      gn = norm(g)
-      if g.shape[1:] == last.shape:
-        dot = jnp.sum(g * last, axis=tuple(range(1, g.ndim)))
-        cos = dot / (gn * last_norm)
-      else:
-        cos = jnp.full(g.shape[:1], jnp.nan)
+      cols['grad_sq'].append(total(g * g))
+      # The stage's first unit may read another shape than the last unit's input.
+      cols['dot'].append(total(g * last) if g.shape[1:] == last.shape
+                         else jnp.full(g.shape[:1], jnp.nan))
       cols['stage'].append(jnp.full(g.shape[:1], s))
-      cols['grad_norm'].append(gn)
-      cols['ratio'].append(gn / last_norm)
-      cols['cosine'].append(cos)
-      cols['act_norm'].append(norm(x))
+      cols['last'].append(jnp.full(g.shape[:1], offset + n - 1))
+      cols['act_sq'].append(total(x * x))
+    offset += n
   return loss, {k: jnp.concatenate(v) for k, v in cols.items()}
 
 
@@ -112,11 +112,16 @@ def gradient_probe(model: models.ResNet, variables: dict, images, labels,
   perturbations = variables.get('perturbations')
   if perturbations is None or _batch_size(perturbations) != images.shape[0]:
     perturbations = zero_perturbations(model, images)
-  loss, cols = _probe(model, models.model_state(variables), perturbations, images, labels, train, rng)
-  cols = jax.device_get(cols)
-  return ProbeResult(stage=cols['stage'].astype(int), grad_norm=cols['grad_norm'],
-                     ratio=cols['ratio'], cosine=cols['cosine'], act_norm=cols['act_norm'],
-                     loss=float(loss),
+  loss, cols = _probe(model, models.model_state(variables), perturbations, images, labels,
+                      train, rng)
+  # In float64, and from the same float32 sums: a gradient bitwise equal to the last
+  # unit's has ratio and cosine exactly 1 (the sums' product is exact in float64).
+  cols = {k: np.asarray(v, np.float64) for k, v in jax.device_get(cols).items()}
+  grad_sq, last_sq = cols['grad_sq'], cols['grad_sq'][cols['last'].astype(int)]
+  return ProbeResult(stage=cols['stage'].astype(int), grad_norm=np.sqrt(grad_sq),
+                     ratio=np.sqrt(grad_sq / last_sq),
+                     cosine=cols['dot'] / np.sqrt(grad_sq * last_sq),
+                     act_norm=np.sqrt(cols['act_sq']), loss=float(loss),
                      info=dict(unit=model.unit, stages=list(model.stage_sizes),
                                branch=model.branch, zero_init_last=model.zero_init_last,
                                bn='train' if train else 'eval'))
@@ -154,12 +159,6 @@ def identity_test(model: models.ResNet, variables: dict, images) -> np.ndarray:
 # Whole probes as the command runs them.
 
 
-def paper_bottleneck(depth: int) -> bool:
-  """The paper's block for a CIFAR depth: bottleneck for 164 and 1001 (and any 9n+2
-  that is not 6n+2), basic otherwise."""
-  return depth in (164, 1001) or (depth - 2) % 6 != 0
-
-
 def probe_batch(config, batch: int):
   """The first ``batch`` examples of the dataset's evaluation split, normalized."""
   from preact import data
@@ -187,7 +186,7 @@ def probe_variants(config, unit_names, depths, bottleneck=None, zero_init_last=F
     c = config.copy_and_resolve_references()
     with c.unlocked():
       c.model.unit, c.model.depth = unit, depth
-      c.model.bottleneck = paper_bottleneck(depth) if bottleneck is None else bottleneck
+      c.model.bottleneck = paper.bottleneck(depth) if bottleneck is None else bottleneck
       c.model.zero_init_last = zero_init_last
       c.model.unit_args = type(c.model.unit_args)(
           {k: None for k in c.model.unit_args})  # each unit's own defaults

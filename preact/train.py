@@ -57,7 +57,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.R
   kwargs = dict(unit_args=config_lib.unit_args(m) or None, zero_init_last=m.zero_init_last,
                 dtype=jnp.dtype(m.dtype), scan=m.scan, remat=remat,
                 bn_axis_name=parallel.AXIS if config.bn_cross_replica else None,
-                cpu_conv=cpu_conv)
+                cpu_conv=cpu_conv, shortcut=m.shortcut)
   try:
     if m.arch == 'imagenet':
       return models.imagenet_resnet(m.depth, m.unit, num_classes=num_classes, **kwargs)

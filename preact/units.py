@@ -39,11 +39,6 @@ class Placement:
   after_add: tuple[str, ...]
 
   @property
-  def preactivated_input(self) -> bool:
-    """Whether the unit normalizes its own input (so the stem need not)."""
-    return 'bn' in self.before
-
-  @property
   def raw_output(self) -> bool:
     """Whether the addition is the unit's last op (so the head must normalize)."""
     return not self.after_add
@@ -181,13 +176,35 @@ BRANCHES: dict[str, tuple[tuple[int, int], ...]] = {
 }
 
 
+SHORTCUTS = ('projection', 'zero_pad')
+
+
+def zero_pad(x: Array, features: int, stride: int) -> Array:
+  """Option A of He et al. (CVPR 2016) for a unit that changes shape: subsample by the
+  stride and fill the new channels with zeros, without parameters (fb.resnet.torch's
+  shortcut type A: a strided 1×1 average pool, then concatenated zeros)."""
+  x = x[:, ::stride, ::stride, :]
+  if features < x.shape[-1]:
+    raise ValueError(f'a zero-padded shortcut cannot shrink {x.shape[-1]} channels to '
+                     f'{features}')
+  return jnp.pad(x, ((0, 0),) * 3 + ((0, features - x.shape[-1]),))
+
+
 class ResidualUnit(nn.Module):
   """One residual unit x_{l+1} = f(h(x_l) + F(x_l)) of any registered variant."""
   unit: str
   features: int
   branch: str = 'basic'
   strides: int = 1
-  project: bool = False
+  # The first unit of a stage splits into branch and shortcut after its pre-activation
+  # (paper appendix: "these projection shortcuts are also with pre-activation";
+  # 'both_preact' in fb.resnet.torch's preresnet.lua); the other units add the raw x_l.
+  first: bool = False
+  # x is already activated: the unit right after conv1, whose first activation is the
+  # stem's BN-ReLU (paper appendix: "right after conv1 and before splitting").
+  activated_input: bool = False
+  # How a unit that changes shape shapes its shortcut: a 1×1 conv, or option A.
+  shortcut: str = 'projection'
   unit_args: Any = None
   zero_init_last: bool = False
   conv: ModuleDef = nn.Conv
@@ -213,14 +230,15 @@ class ResidualUnit(nn.Module):
           y = nn.relu(y)
       return y
 
-    y = ops(p.before, x)
-    h = x
-    if self.project or unit.project_always:
-      # Projecting units share the pre-activation between branch and shortcut; identity
-      # units add the raw x_l (resnet-pre-act.lua).
-      h = self.conv(self.features, (1, 1), (self.strides,) * 2, name='proj')(y)
+    y = x if self.activated_input else ops(p.before, x)
+    h = y if self.first else x
+    reshape = self.strides != 1 or x.shape[-1] != self.features
+    if unit.project_always or (reshape and self.shortcut == 'projection'):
+      h = self.conv(self.features, (1, 1), (self.strides,) * 2, name='proj')(h)
       if p.normalized_branch:
         h = self.norm(name='proj_bn')(h, use_running_average=not train)
+    elif reshape:
+      h = zero_pad(h, self.features, self.strides)
     convs = BRANCHES[self.branch]
     for i, (k, div) in enumerate(convs):
       if i:

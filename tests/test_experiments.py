@@ -39,14 +39,14 @@ def all_rows():
 
 def test_every_paper_row_has_a_config_with_its_published_number():
   rows = all_rows()
-  assert len(rows) == 10 + 10 + 12 + 5 + 8
   published = {}
   for table, arg in rows:
     c = load(table).get_config(arg)
     config_lib.validate(c)
     published[table, arg] = 'fail' if c.paper.fail else c.paper.error
-  # Spot checks against GUIDE.md §4.
+  # Spot checks against the paper's tables.
   assert published['table1', 'original'] == 6.61
+  assert published['table1', 'constant_scaling_0_1'] == 'fail'  # "a plain net"
   assert published['table1', 'exclusive_gating_b6'] == 8.70
   assert published['table1', 'dropout_shortcut'] == 'fail'
   assert published['table2', 'full_preact,depth=164'] == 5.46
@@ -62,21 +62,57 @@ def test_rows_carry_the_papers_settings():
   c = t1.get_config('constant_scaling_0.5_1,seed=3')
   assert (c.model.unit, c.model.depth, c.model.bottleneck) == ('constant_scaling', 110, False)
   assert (c.model.unit_args.scale, c.model.unit_args.branch_scale) == (0.5, 1.0)
-  assert c.seed == 3 and c.optimizer.warmup_steps == 400  # ResNet-110 original: warm-up
+  assert c.seed == 3
+  c = t1.get_config('constant_scaling_0_1')
+  assert (c.model.unit_args.scale, c.model.unit_args.branch_scale) == (0.0, 1.0)
   c = load('table2').get_config('full_preact,depth=110')
-  assert c.optimizer.warmup_steps == 0 and c.total_steps == 64_000
-  assert c.optimizer.boundaries == (32_000, 48_000) and c.optimizer.decay == 'all'
+  assert c.total_steps == 64_000 and c.optimizer.boundaries == (32_000, 48_000)
+  assert c.optimizer.decay == 'all' and c.optimizer.nesterov and c.batch_size == 128
   c = load('table3').get_config('c10_110_1layer_full_preact')
   assert c.model.one_layer and c.model.depth == 110
   c = load('table4').get_config('c100_1001')
   assert (c.dataset, c.model.depth, c.model.bottleneck) == ('cifar100', 1001, True)
-  assert c.optimizer.warmup_steps == 400
-  c = load('table5').get_config('resnet152_original_320')
+  c = config_lib.validate(load('table5').get_config('resnet152_original_320'))
   assert (c.model.arch, c.augment.eval_crop, c.augment.eval_resize) == ('imagenet', 320, 320)
-  assert c.paper.error_top5 == 5.5 and c.optimizer.boundaries[0] == 30 * 5005
+  assert c.paper.error_top5 == 5.5
+  assert c.optimizer.boundaries == (30 * 5005, 60 * 5005) and c.total_steps == 90 * 5005
   # The real networks of the rows build at their real depths.
   m = train.build_model(load('table4').get_config('c10_1001'), 10)
   assert models.count_params(models.init_shapes(m, (32, 32, 3))['params']) == 10_327_706
+
+
+@pytest.mark.parametrize('table,arg', all_rows())
+def test_every_cifar_row_warms_up_and_imagenet_rows_do_not(table, arg):
+  """Appendix: "for all CIFAR experiments we warm up the training by using a smaller
+  learning rate of 0.01 at the beginning 400 iterations"; on ImageNet, no warm-up."""
+  c = load(table).get_config(arg)
+  o = c.optimizer
+  if c.model.arch == 'imagenet':
+    assert o.warmup_steps == 0
+  else:
+    assert (o.warmup_steps, o.warmup_lr, o.lr) == (400, 0.01, 0.1)
+    schedule = train.make_schedule(o, c.total_steps)
+    assert float(schedule(0)) == float(schedule(399)) == pytest.approx(0.01)
+    assert float(schedule(400)) == pytest.approx(0.1)
+
+
+def test_basic_nets_use_option_a_and_bottlenecks_project():
+  for table, arg in all_rows():
+    c = load(table).get_config(arg)
+    m = train.build_model(c, 10)
+    want = 'projection' if c.model.bottleneck or c.model.arch == 'imagenet' else 'zero_pad'
+    assert m.shortcut == want, (table, arg)
+
+
+def test_resnet_1001_batch_64_runs_the_authors_200_epochs():
+  """resnet-1k-layers README: `-batchSize 64 ... -nEpochs 200`; fb.resnet.torch's CIFAR
+  schedule divides the lr by 10 from epoch 81 and 122 (1-based). An epoch is
+  ceil(50000 / 64) = 782 iterations."""
+  c = config_lib.validate(load('table4').get_config('c10_1001_batch64'))
+  assert c.batch_size == 64
+  assert c.total_steps == 200 * 782 == 156_400
+  assert c.optimizer.boundaries == (80 * 782, 121 * 782)
+  assert c.optimizer.warmup_steps == 400
 
 
 @pytest.mark.parametrize('arg,match', [
@@ -101,7 +137,8 @@ def _shrunk(c):
   c.model.depth = 50 if c.model.arch == 'imagenet' else (
       11 if c.model.bottleneck else 5 if c.model.one_layer else 8)
   c.batch_size = c.eval_batch_size = 8
-  c.total_steps, c.log_every = 2, 1
+  c.total_steps, c.total_epochs, c.log_every = 2, 0.0, 1
+  c.optimizer.boundary_epochs = ()
   c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, 1)
   c.augment.image_size = 32
   c.augment.scale_range = (32, 40)

@@ -116,7 +116,7 @@ def test_dropout_shortcut_in_training_drops_whole_shortcut_entries_unscaled():
 
 def test_bottleneck_projection_shares_preactivation_and_strides_first_1x1():
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
-  unit = _unit('full_preact', features=8, branch='bottleneck', strides=2, project=True)
+  unit = _unit('full_preact', features=8, branch='bottleneck', strides=2, first=True)
   v = unit.init(jax.random.key(0), x, False)
   P = _randomize(v['params'], jax.random.key(2))
   S = _randomize(v['batch_stats'], jax.random.key(3))
@@ -131,6 +131,62 @@ def test_bottleneck_projection_shares_preactivation_and_strides_first_1x1():
   assert P['Conv_2']['kernel'].shape == (1, 1, 2, 8)
   assert 'proj_bn' not in P  # pre-activation projections have no BN
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _option_a(x, features):
+  """Subsample by 2, then zero channels up to ``features`` (He et al. CVPR 2016, option A)."""
+  x = x[:, ::2, ::2, :]
+  return jnp.concatenate([x, jnp.zeros(x.shape[:3] + (features - x.shape[-1],))], -1)
+
+
+@pytest.mark.parametrize('name', ['full_preact', 'original'])
+def test_zero_pad_shortcut_is_option_a_on_the_shared_preactivation(name):
+  """A basic unit that changes shape (4→8, stride 2) with option A: no parameters on
+  the shortcut, which reads the unit's pre-activation where it has one."""
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+  unit = _unit(name, features=8, strides=2, first=True, shortcut='zero_pad')
+  v = unit.init(jax.random.key(0), x, False)
+  P = _randomize(v['params'], jax.random.key(2))
+  S = _randomize(v['batch_stats'], jax.random.key(3))
+  b = lambda i, y: _bn(P[f'BatchNorm_{i}'], S[f'BatchNorm_{i}'], y)
+  with jax.default_matmul_precision('highest'):
+    got = unit.apply({'params': P, 'batch_stats': S}, x, False)
+    if name == 'full_preact':
+      pre = relu(b(0, x))
+      want = _option_a(pre, 8) + _conv(P['Conv_1'], relu(b(1, _conv(P['Conv_0'], pre, 2))))
+    else:
+      want = relu(_option_a(x, 8) + b(1, _conv(P['Conv_1'], relu(b(0, _conv(P['Conv_0'], x, 2))))))
+  assert set(P) == {'Conv_0', 'Conv_1', 'BatchNorm_0', 'BatchNorm_1'}  # no 'proj'
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('unit', ['full_preact', 'relu_only_preact', 'original'])
+@pytest.mark.parametrize('form', ['basic', 'one_layer', 'bottleneck'])
+def test_first_unit_splits_after_the_activation_of_conv1(unit, form):
+  """Paper appendix: "for the first Residual Unit (that follows a stand-alone
+  convolutional layer, conv1), we adopt the first activation right after conv1 and
+  before splitting into two paths". With F ≡ 0 (zero_init_last) and the identity
+  after the addition, stage 1 passes its input through: BN-ReLU(conv1(x)), never the raw
+  conv1 output."""
+  depth = {'basic': 8, 'one_layer': 5, 'bottleneck': 11}[form]
+  model = models.cifar_resnet(depth, unit, bottleneck=form == 'bottleneck',
+                              one_layer=form == 'one_layer', zero_init_last=True)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  v = model.init(jax.random.key(1), x, train=False)
+  v = {k: v[k] for k in ('params', 'batch_stats')}
+  P, S = v['params'], v['batch_stats']
+  with jax.default_matmul_precision('highest'):
+    act = relu(_bn(P['stem_bn'], S['stem_bn'], _conv(P['stem'], x)))
+  xs = _stage_inputs(model, v, x)
+  np.testing.assert_allclose(xs[0][1], act, rtol=1e-5, atol=1e-5)  # x_0: activated conv1
+  if form != 'bottleneck':  # stage 1 changes no shape: x_1 = x_0 + F(x_0) = x_0
+    np.testing.assert_array_equal(xs[1][1], xs[0][1])
+  names = set(P['stage1_unit1'])
+  assert ('proj' in names) == (form == 'bottleneck')
+  if unit == 'full_preact' and form != 'bottleneck':
+    # Its own first BN-ReLU is the stem's: only the BN between two convs remains.
+    want = {'basic': {'Conv_0', 'Conv_1', 'BatchNorm_0'}, 'one_layer': {'Conv_0'}}[form]
+    assert names == want
 
 
 @pytest.mark.parametrize('k,stride', [(1, 1), (1, 2), (3, 1), (3, 2)])
@@ -197,59 +253,79 @@ def test_cpu_conv_net_trains_the_same_network():
 
 
 # --------------------------------------------------------------------------------------
-# Parameter counts: pinned, and against an independent count.
+# Parameter counts: the code against hand counts and the paper's Table 4.
 
-def _independent_count(depth, unit, bottleneck, classes=10, cin=3):
-  """Counts parameters layer by layer from the architecture's description (GUIDE.md §2)."""
-  n = (depth - 2) // (9 if bottleneck else 6)
-  widths = (64, 128, 256) if bottleneck else (16, 32, 64)
-  bn = lambda c: 2 * c  # γ and β
-  conv = lambda k, a, b: k * k * a * b
-  preact = unit == 'full_preact'
-  total = conv(3, cin, 16) + (0 if preact else bn(16))  # stem (+ BN for the original)
-  c_in = 16
-  for w in widths:
-    for j in range(n):
-      c = c_in if j == 0 else w
-      if bottleneck:
-        q = w // 4
-        total += conv(1, c, q) + conv(3, q, q) + conv(1, q, w)
-        # pre-activation: BN(c)-…-BN(q)-…-BN(q)-…; original: …-BN(q)-…-BN(q)-…-BN(w)
-        total += bn(c) + 2 * bn(q) if preact else 2 * bn(q) + bn(w)
-      else:
-        total += conv(3, c, w) + conv(3, w, w) + (bn(c) + bn(w) if preact else 2 * bn(w))
-      if c != w:  # projection shortcut; post-activation ones carry a BN
-        total += conv(1, c, w) + (0 if preact else bn(w))
-    c_in = w
-  total += (bn(widths[-1]) if preact else 0) + widths[-1] * classes + classes
-  return total
+# Hand counts, layer by layer, from the authors' architecture (resnet-pre-act.lua; He et
+# al. CVPR 2016 for the basic nets' option-A shortcuts). Convs have no bias; a BN has γ, β.
+C3 = lambda a, b: 3 * 3 * a * b
+C1 = lambda a, b: a * b
+BN = lambda c: 2 * c
+STEM = C3(3, 16) + BN(16)  # conv1 and its BN-ReLU, in every net
 
 
-PINNED = {  # (depth, unit, bottleneck): exact parameter count
-    (110, 'full_preact', False): 1_730_522,   # paper: 1.7M
-    (110, 'original', False): 1_730_714,
-    (164, 'full_preact', True): 1_703_258,    # paper: 1.7M
-    (164, 'original', True): 1_704_154,
-    (1001, 'full_preact', True): 10_327_706,  # paper: 10.2M
-    (1202, 'full_preact', False): 19_423_834,  # paper: 19.4M
+def _basic(n, preact, projection=False):
+  """3 stages of n two-3×3 units, widths 16/32/64; the first unit of stages 2–3 changes
+  shape (16→32, 32→64) through option A (no parameters) or a 1×1 projection."""
+  total = STEM
+  for c_in, w in ((16, 16), (16, 32), (32, 64)):
+    convs = C3(c_in, w) + C3(w, w) + (n - 1) * 2 * C3(w, w)
+    if preact:  # BN-ReLU before each conv; stage 1's first unit reads the stem's
+      bns = (BN(c_in) if c_in != w else 0) + BN(w) + (n - 1) * 2 * BN(w)
+    else:       # conv-BN twice per unit, and a BN on a post-activation projection
+      bns = n * 2 * BN(w) + (BN(w) if projection and c_in != w else 0)
+    total += convs + bns + (C1(c_in, w) if projection and c_in != w else 0)
+  return total + (BN(64) if preact else 0) + 64 * 10 + 10
+
+
+def _bottleneck(n, preact):
+  """3 stages of n units 1×1 (w/4) – 3×3 (w/4) – 1×1 (w), outputs 64/128/256; every
+  stage's first unit projects with a 1×1 conv (16→64, 64→128, 128→256)."""
+  total = STEM
+  for c_in, w in ((16, 64), (64, 128), (128, 256)):
+    q = w // 4
+    unit = lambda c: C1(c, q) + C3(q, q) + C1(q, w)
+    total += unit(c_in) + C1(c_in, w) + (n - 1) * unit(w)
+    if preact:  # BN(c) before the first conv (stage 1's first unit: the stem's), 2 BN(q)
+      total += (BN(c_in) if c_in != 16 else 0) + 2 * BN(q) + (n - 1) * (BN(w) + 2 * BN(q))
+    else:       # 2 BN(q), BN(w) at the branch's end, BN(w) on the projection
+      total += n * (2 * BN(q) + BN(w)) + BN(w)
+  return total + (BN(256) if preact else 0) + 256 * 10 + 10
+
+
+PINNED = {  # (depth, unit, bottleneck, shortcut): (hand count, the literal it comes to)
+    (110, 'full_preact', False, 'auto'): (_basic(18, True), 1_727_962),       # paper: 1.7M
+    (110, 'original', False, 'auto'): (_basic(18, False), 1_727_962),
+    (110, 'full_preact', False, 'projection'): (_basic(18, True, True), 1_730_522),
+    (110, 'original', False, 'projection'): (_basic(18, False, True), 1_730_714),
+    (164, 'full_preact', True, 'auto'): (_bottleneck(18, True), 1_703_258),   # paper: 1.7M
+    (164, 'original', True, 'auto'): (_bottleneck(18, False), 1_704_154),
+    (1001, 'full_preact', True, 'auto'): (_bottleneck(111, True), 10_327_706),  # paper: 10.2M
+    (1202, 'full_preact', False, 'auto'): (_basic(200, True), 19_421_274),    # paper: 19.4M
 }
+PAPER_MILLIONS = {110: 1.7, 164: 1.7, 1001: 10.2, 1202: 19.4}  # paper Table 4
 
 
-@pytest.mark.parametrize('depth,unit,bottleneck', list(PINNED))
-def test_cifar_parameter_counts(depth, unit, bottleneck):
-  model = models.cifar_resnet(depth, unit, bottleneck=bottleneck)
+@pytest.mark.parametrize('depth,unit,bottleneck,shortcut', list(PINNED))
+def test_cifar_parameter_counts(depth, unit, bottleneck, shortcut):
+  hand, literal = PINNED[depth, unit, bottleneck, shortcut]
+  assert hand == literal
+  model = models.cifar_resnet(depth, unit, bottleneck=bottleneck, shortcut=shortcut)
   got = models.count_params(models.init_shapes(model, (32, 32, 3))['params'])
-  assert got == PINNED[depth, unit, bottleneck]
-  assert got == _independent_count(depth, unit, bottleneck)
+  assert got == hand
+  if shortcut == 'auto':  # the paper rounds; ResNet-1001 comes to 10.33M against 10.2M
+    assert abs(got / 1e6 - PAPER_MILLIONS[depth]) / PAPER_MILLIONS[depth] < 0.015
   size, _ = models.size_and_flops(model, (32, 32, 3))
   assert size == got
 
 
-def test_paper_rounded_sizes():
-  paper = {(110, False): 1.7e6, (164, True): 1.7e6, (1001, True): 10.2e6, (1202, False): 19.4e6}
-  for (depth, bottleneck), want in paper.items():
-    got = PINNED[depth, 'full_preact', bottleneck]
-    assert abs(got - want) / want < 0.02, (depth, got, want)
+def test_one_layer_net_count():
+  """Table 3's 1-layer skip ResNet-110: 36 units a stage of one 3×3 conv each, option A."""
+  n = 36
+  convs = sum(C3(a, w) + (n - 1) * C3(w, w) for a, w in ((16, 16), (16, 32), (32, 64)))
+  bns = (n - 1) * BN(16) + (BN(16) + (n - 1) * BN(32)) + (BN(32) + (n - 1) * BN(64))
+  model = models.cifar_resnet(110, 'full_preact', one_layer=True)
+  got = models.count_params(models.init_shapes(model, (32, 32, 3))['params'])
+  assert got == STEM + convs + bns + BN(64) + 64 * 10 + 10
 
 
 IMAGENET_PINNED = {  # torchvision's resnet50/152 have exactly the 'original' counts
@@ -264,8 +340,8 @@ def test_imagenet_parameter_counts(depth, unit):
   model = models.imagenet_resnet(depth, unit)
   got = models.count_params(models.init_shapes(model, (224, 224, 3))['params'])
   assert got == IMAGENET_PINNED[depth, unit]
-  # Pre-activation trades the stem BN (64) and the projections' BNs for a final BN
-  # (2048) and BNs on the projecting units' inputs: a fixed difference of 7680.
+  # The original unit ends its branch and its projection in BN(w); the pre-activation
+  # unit starts with BN(c_in), and the net ends with BN(2048): a fixed difference of 7680.
   if unit == 'full_preact':
     assert IMAGENET_PINNED[depth, 'original'] - got == 7680
 
@@ -404,5 +480,5 @@ def test_preact_models_json_lists_every_variant():
   assert (1001, 'basic', 'original') not in got  # 999 is not a multiple of 6
   r = next(r for r in rows if (r['depth'], r['branch'], r['unit']) ==
            (1001, 'bottleneck', 'full_preact'))
-  assert r['params'] == PINNED[1001, 'full_preact', True]
+  assert r['params'] == PINNED[1001, 'full_preact', True, 'auto'][1]
   assert r['flops'] > 2.5e9

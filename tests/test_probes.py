@@ -44,11 +44,10 @@ def test_full_preact_gradient_is_the_same_vector_across_a_stage():
     if i + 1 < len(grads) and stages[i + 1] == stages[i]:
       np.testing.assert_array_equal(grads[i][1], grads[i + 1][1])
   r = probes.gradient_probe(model, v, X, Y, train=True)
-  for i in _non_first(list(r.stage)):
-    assert r.ratio[i] == pytest.approx(1.0, abs=1e-6)
-    assert r.cosine[i] == pytest.approx(1.0, abs=1e-6)
-  # Stage 1 does not project (16 → 16), so its first unit is on the identity path too.
-  assert r.ratio[0] == pytest.approx(1.0, abs=1e-6)
+  for i in _non_first(list(r.stage)):  # bitwise-equal gradients: exactly 1, in float64
+    assert r.ratio[i] == 1.0 and r.cosine[i] == 1.0
+  # Stage 1 changes no shape (16 → 16), so its first unit is on the identity path too.
+  assert r.ratio[0] == 1.0 and r.cosine[0] == 1.0
 
 
 @pytest.mark.parametrize('scale', [0.5, 0.8])
@@ -69,17 +68,37 @@ def test_constant_scaling_multiplies_the_gradient_by_lambda_per_unit(scale):
 
 
 def test_original_unit_gradient_is_masked_by_the_after_addition_relus():
+  """F made a constant: the last BN's scale 0 and a random β per channel, so the branch
+  adds β_l whatever its input and x_{l+1} = ReLU(x_l + β_l). Only the after-addition
+  ReLUs act on the gradient: ∂L/∂x_l = ∂L/∂x_L · Π_{j=l}^{L−1} 1[x_{j+1} > 0]."""
   model, v = _net('original', zero_init_last=True)
+  keys = iter(jax.random.split(jax.random.key(7), 64))
+
+  def beta(path, leaf):  # the branch's last BN (after its second conv) in every unit
+    names = [getattr(p, 'key', None) for p in path]
+    if names[-2:] == ['BatchNorm_1', 'bias'] and names[0].startswith('stage'):
+      return jax.random.normal(next(keys), leaf.shape)
+    return leaf
+
+  v = {**v, 'params': jax.tree_util.tree_map_with_path(beta, v['params'])}
   grads, xs = _raw(model, v)
   stages = [s for s, _ in grads]
+  r = probes.gradient_probe(model, v, X, Y, train=True)
+  bitten = 0
   for s in range(3):
     idx = [i for i, st in enumerate(stages) if st == s]
     last = idx[-1]
     for i in idx[1:] if s else idx:
       mask = np.ones_like(xs[i][1])
       for j in range(i, last):
-        mask = mask * (np.asarray(xs[j][1]) > 0)
-      np.testing.assert_array_equal(grads[i][1], mask * np.asarray(grads[last][1]))
+        mask = mask * (np.asarray(xs[j + 1][1]) > 0)
+      g_last = np.asarray(grads[last][1])
+      np.testing.assert_array_equal(grads[i][1], mask * g_last)
+      want = np.sqrt(np.sum(np.square(mask * g_last), dtype=np.float64)
+                     / np.sum(np.square(g_last), dtype=np.float64))
+      np.testing.assert_allclose(r.ratio[i], want, rtol=1e-5)
+      bitten += want < 0.99
+  assert bitten >= 10  # the masks cut the gradient: the ratio is not 1
 
 
 @pytest.mark.parametrize('unit', list(units.UNITS))

@@ -22,7 +22,7 @@ def tiny_config(**overrides):
   c.batch_size, c.eval_batch_size = 16, 16
   c.total_steps = 3
   c.checkpoint_every = c.eval_every = c.log_every = 1000
-  c.optimizer.schedule = 'cosine'
+  c.optimizer.schedule, c.optimizer.warmup_steps = 'cosine', 0
   c.progress = 'log'
   for key, value in overrides.items():
     node = c
@@ -47,7 +47,7 @@ def params_of(workdir):
 
 def test_step_schedule_with_warmup_matches_the_paper():
   o = config_lib.base().optimizer
-  o.warmup_steps = 400
+  assert (o.warmup_steps, o.warmup_lr) == (400, 0.01)  # the paper's, as the default
   s = train.make_schedule(o, 64_000)
   assert float(s(0)) == pytest.approx(0.01) and float(s(399)) == pytest.approx(0.01)
   assert float(s(400)) == pytest.approx(0.1) and float(s(31_999)) == pytest.approx(0.1)
@@ -61,7 +61,7 @@ def test_step_schedule_with_warmup_matches_the_paper():
 @pytest.mark.parametrize('decay,nesterov', [('all', True), ('weights', False)])
 def test_sgd_matches_torch_sgd_with_coupled_weight_decay(decay, nesterov):
   o = config_lib.base().optimizer
-  o.decay, o.nesterov, o.schedule = decay, nesterov, 'step'
+  o.decay, o.nesterov, o.schedule, o.warmup_steps = decay, nesterov, 'step', 0
   tx = train.make_optimizer(o, 100)
   params = {'conv': {'kernel': jnp.array([1.0, -2.0])}, 'bn': {'scale': jnp.array([0.5])}}
   grads = [{'conv': {'kernel': jnp.array([0.3, 0.1])}, 'bn': {'scale': jnp.array([-0.2])}},

@@ -103,7 +103,7 @@ def _compile(bench):
 
 
 def _sweep(bench):
-  from preact.probes import paper_bottleneck
+  from preact.paper import bottleneck as paper_bottleneck
   depths = [int(d) for d in (_DEPTHS.value or [20, 56, 110, 164, 1001])]
   rows = []
   for depth in depths:
