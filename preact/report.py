@@ -86,13 +86,15 @@ def _fmt(x, digits=2):
 
 
 def summarize(runs: list[RunResult]) -> dict:
-  """{'median', 'std', 'n', 'failed', 'fail'} over the seeds of one experiment."""
+  """{'median', 'std', 'low', 'high', 'n', 'failed', 'fail'} over the seeds of one
+  experiment (a failed seed counts as an infinite error)."""
   done = [r for r in runs if r.error is not None or r.failed]
   errors = [math.inf if r.failed else r.error for r in done]
   finite = [e for e in errors if np.isfinite(e)]
   median = float(np.median(errors)) if errors else None
   mini = any(r.config.get('paper', {}).get('mini') for r in runs)
   return dict(median=median, std=float(np.std(finite)) if len(finite) > 1 else None,
+              low=min(errors) if errors else None, high=max(errors) if errors else None,
               n=len(done), failed=sum(r.failed for r in done),
               fail=median is not None and (not np.isfinite(median) or
                                            (median > FAIL_ABOVE and not mini)))
@@ -124,9 +126,10 @@ def markdown(runs: list[RunResult]) -> str:
                          if rs[0].config.get('paper', {}).get('fail') or
                          rs[0].config.get('paper', {}).get('error', -1) >= 0})
     parts.append(f'### {table}\n')
-    parts.append('| experiment | unit | depth | ours: test error % (median) | ± std | n '
-                 '| paper % | ours − paper | rank ours / paper |')
-    parts.append('|---|---|---|---|---|---|---|---|---|')
+    # An ordering between two rows holds only where their seed ranges do not overlap.
+    parts.append('| experiment | unit | depth | ours: test error % (median) | ± std '
+                 '| seeds: min – max | n | paper % | ours − paper | rank ours / paper |')
+    parts.append('|---|---|---|---|---|---|---|---|---|---|')
     for row, rs in rows.items():
       s = summaries[row]
       c = rs[0].config
@@ -145,8 +148,10 @@ def markdown(runs: list[RunResult]) -> str:
         diff = f'{s["median"] - paper["error"]:+.2f}'
       depth = c['model']['depth']
       rank = f'{ours_rank.get(row, "–")} / {paper_rank.get(row, "–")}'
+      spread = '–' if s['low'] is None else (
+          f'{_fmt(s["low"])} – {_fmt(s["high"])}'.replace('inf', 'fail'))
       parts.append(f'| {row} | {c["model"]["unit"]} | {depth} | {ours} | {_fmt(s["std"])} '
-                   f'| {s["n"]} | {paper_err} | {diff} | {rank} |')
+                   f'| {spread} | {s["n"]} | {paper_err} | {diff} | {rank} |')
     parts.append('')
   return '\n'.join(parts)
 

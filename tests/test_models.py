@@ -114,15 +114,22 @@ def test_dropout_shortcut_in_training_drops_whole_shortcut_entries_unscaled():
   assert 0.45 < frac < 0.55, frac
 
 
-def test_bottleneck_projection_shares_preactivation_and_strides_first_1x1():
+def _random_first_unit(name, **kw):
+  """A stage's first unit, 4→8 channels with stride 2, random parameters and BN
+  statistics: (x, its eval-mode output, params, BN(i, y) with those statistics)."""
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
-  unit = _unit('full_preact', features=8, branch='bottleneck', strides=2, first=True)
+  unit = _unit(name, features=8, strides=2, first=True, **kw)
   v = unit.init(jax.random.key(0), x, False)
   P = _randomize(v['params'], jax.random.key(2))
   S = _randomize(v['batch_stats'], jax.random.key(3))
-  b = lambda i, y: _bn(P[f'BatchNorm_{i}'], S[f'BatchNorm_{i}'], y)
   with jax.default_matmul_precision('highest'):
     got = unit.apply({'params': P, 'batch_stats': S}, x, False)
+  return x, got, P, lambda i, y: _bn(P[f'BatchNorm_{i}'], S[f'BatchNorm_{i}'], y)
+
+
+def test_bottleneck_projection_shares_preactivation_and_strides_first_1x1():
+  x, got, P, b = _random_first_unit('full_preact', branch='bottleneck')
+  with jax.default_matmul_precision('highest'):
     pre = relu(b(0, x))
     F = _conv(P['Conv_2'], relu(b(2, _conv(P['Conv_1'], relu(b(1, _conv(P['Conv_0'], pre, 2)))))))
     want = _conv(P['proj'], pre, 2) + F
@@ -143,14 +150,8 @@ def _option_a(x, features):
 def test_zero_pad_shortcut_is_option_a_on_the_shared_preactivation(name):
   """A basic unit that changes shape (4→8, stride 2) with option A: no parameters on
   the shortcut, which reads the unit's pre-activation where it has one."""
-  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
-  unit = _unit(name, features=8, strides=2, first=True, shortcut='zero_pad')
-  v = unit.init(jax.random.key(0), x, False)
-  P = _randomize(v['params'], jax.random.key(2))
-  S = _randomize(v['batch_stats'], jax.random.key(3))
-  b = lambda i, y: _bn(P[f'BatchNorm_{i}'], S[f'BatchNorm_{i}'], y)
+  x, got, P, b = _random_first_unit(name, shortcut='zero_pad')
   with jax.default_matmul_precision('highest'):
-    got = unit.apply({'params': P, 'batch_stats': S}, x, False)
     if name == 'full_preact':
       pre = relu(b(0, x))
       want = _option_a(pre, 8) + _conv(P['Conv_1'], relu(b(1, _conv(P['Conv_0'], pre, 2))))
