@@ -27,7 +27,11 @@ def absolute(path) -> str:
 class Checkpoints:
   """Saves and restores {'state': train state, 'meta': JSON} under workdir/checkpoints."""
 
-  def __init__(self, workdir, keep: int = 3, asynchronous: bool = True):
+  # Saves are synchronous: a failed write (a full disk) then surfaces at the step that
+  # made it, and orbax 0.12.8's asynchronous saves lost a step's temporary directory when
+  # two saves followed each other closely (tests/test_faults.py saves every step). A
+  # ResNet's state takes well under a second to write.
+  def __init__(self, workdir, keep: int = 3, asynchronous: bool = False):
     # orbax wants absolute paths; a relative local workdir is relative to the cwd.
     self.directory = epath.Path(absolute(workdir)) / 'checkpoints'
     self.manager = ocp.CheckpointManager(
@@ -81,9 +85,6 @@ class Checkpoints:
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
     return jax.tree.map(np.asarray, restored.state)
-
-  def wait(self):
-    self.manager.wait_until_finished()
 
   def close(self):
     self.manager.wait_until_finished()

@@ -5,6 +5,7 @@ key that is not here is a typo and is rejected."""
 from __future__ import annotations
 
 import json
+import math
 
 import ml_collections
 
@@ -115,6 +116,20 @@ _CHOICES = {
 }
 
 
+# Numeric keys: (low, high, low excluded, high excluded).
+_RANGES = {
+    'optimizer.lr': (0, math.inf, True, False),
+    'optimizer.momentum': (0, 1, False, True),
+    'optimizer.weight_decay': (0, math.inf, False, False),
+    'optimizer.decay_factor': (0, 1, True, False),
+    'optimizer.warmup_lr': (0, math.inf, False, False),
+    'optimizer.warmup_steps': (0, math.inf, False, False),
+    'total_epochs': (0, math.inf, False, False),
+    'prefetch': (0, 64, False, False),
+    'augment.crop_padding': (0, 64, False, False),
+}
+
+
 def flatten(c, prefix='') -> dict:
   out = {}
   for k, v in c.items():
@@ -144,10 +159,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               'eval_every', 'log_every', 'keep_checkpoints'):
     if not isinstance(got[key], int) or got[key] < 1:
       raise UserError(f'{key} must be a positive integer, got {got[key]!r}')
+  for key, (low, high, low_open, high_open) in _RANGES.items():
+    value = got[key]
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+        or not math.isfinite(value) or value < low or value > high
+        or (low_open and value == low) or (high_open and value == high)):
+      interval = (f'{"(" if low_open else "["}{low:g}, '
+                  f'{high:g}{")" if high_open else "]"}').replace('inf', '∞')
+      raise UserError(f'{key} must be a number in {interval}, got {value!r}')
   o = config.optimizer
   _resolve_epochs(config)
-  if list(o.boundaries) != sorted(o.boundaries):
-    raise UserError(f'optimizer.boundaries must increase, got {tuple(o.boundaries)}')
+  if list(o.boundaries) != sorted(o.boundaries) or any(b < 1 for b in o.boundaries):
+    raise UserError(f'optimizer.boundaries must be positive and increase, got '
+                    f'{tuple(o.boundaries)}')
+  if o.warmup_steps and o.warmup_steps >= config.total_steps:
+    raise UserError(f'optimizer.warmup_steps ({o.warmup_steps}) must be shorter than the '
+                    f'run (total_steps {config.total_steps}); set it to 0 or fewer steps')
   try:
     units.get_unit(config.model.unit, unit_args(config.model))
   except ValueError as e:
@@ -185,11 +212,19 @@ def _legacy(key: str, value):
   return value
 
 
-def from_dict(d: dict) -> ml_collections.ConfigDict:
+def from_dict(d: dict, source: str | None = None) -> ml_collections.ConfigDict:
   """A config saved as JSON (config.json) back into the schema; JSON lists become the
-  schema's tuples again."""
+  schema's tuples again. With ``source`` (the file it came from) the config must be
+  complete and valid: a partial record is refused, never filled in with defaults."""
   c = base()
-  for key, value in flatten(ml_collections.ConfigDict(d)).items():
+  saved = flatten(ml_collections.ConfigDict(d))
+  if source is not None:
+    missing = sorted(set(flatten(c)) - set(saved))
+    if missing:
+      raise UserError(f'{source} is not a complete run config (it lacks '
+                      f'{", ".join(missing[:3])}{", …" if len(missing) > 3 else ""}); put back '
+                      'the config.json the run wrote')
+  for key, value in saved.items():
     *parents, leaf = key.split('.')
     node = c
     try:
@@ -200,6 +235,11 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
       node[leaf] = _legacy(key, value)
     except (KeyError, TypeError) as e:
       raise UserError(f'saved config has a bad key or value {key}={value!r} ({e})') from None
+  if source is not None:
+    try:
+      validate(c)
+    except UserError as e:
+      raise UserError(f'{source}: {e}') from None
   return c
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import logging
 from etils import epath
 
@@ -27,11 +28,13 @@ class Writer:
   def write(self, row: dict):
     if not self.enabled:
       return
-    row = {k: (float(v) if k != 'step' else int(v)) for k, v in row.items()}
+    # JSON has no NaN: a non-finite value is written as null.
+    row = {k: int(v) if k == 'step' else (float(v) if np.isfinite(v) else None)
+           for k, v in row.items()}
     with self.path.open('a') as f:
       f.write(json.dumps(row) + '\n')
     for k, v in row.items():
-      if k != 'step':
+      if k != 'step' and v is not None:
         self._tb.scalar(k, v, row['step'])
     self._tb.flush()
 

@@ -219,18 +219,11 @@ def probe_variants(config, unit_names, depths, bottleneck=None, zero_init_last=F
 
 def probe_checkpoint(workdir, batch: int = 32, bn: str = 'auto') -> ProbeResult:
   """Probes a preact-train run's latest checkpoint on its own evaluation data."""
-  from preact import checkpoint, train
-  from etils import epath
-  import json
-  from preact import config as config_lib
-  from preact.errors import UserError
-  path = epath.Path(workdir) / 'config.json'
-  if not path.exists():
-    raise UserError(f'{workdir} holds no run (no config.json)')
-  config = config_lib.from_dict(json.loads(path.read_text()))
+  from preact import checkpoint, runrecord, train
+  config = runrecord.read_config(workdir)
   images, labels, classes = probe_batch(config, batch)
   model = train.build_model(config, classes)
-  ck = checkpoint.Checkpoints(workdir, asynchronous=False)
+  ck = checkpoint.Checkpoints(workdir)
   try:
     state = ck.restore_arrays()
   finally:

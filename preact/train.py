@@ -24,7 +24,7 @@ import optax
 import logging
 from etils import epath
 
-from preact import checkpoint, config as config_lib, data, logs, models, parallel
+from preact import checkpoint, config as config_lib, data, logs, models, parallel, runrecord
 from preact.errors import UserError
 
 logging = logging.getLogger('preact')  # absl's handler prints it; orbax's chatter stays off
@@ -36,6 +36,15 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  # 0 while every step so far was finite; else the first step whose loss or gradients
+  # were not, after which the state is frozen: carried on the device, so divergence
+  # costs no host sync per step, and no non-finite state is ever applied or saved.
+  bad_step: jax.Array
+
+
+# Exit status of preact-train for each outcome (sweeps and schedulers read it).
+EXIT_CODES = {'completed': 0, 'diverged': 3, 'failed': 1, 'interrupted': 130,
+              'preempted': 143}
 
 
 # --------------------------------------------------------------------------------------
@@ -105,7 +114,8 @@ def init_state(model, tx, seed: int, image_shape, sharding=None) -> TrainState:
     variables = model.init(models.init_key(seed), x, train=False)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                      bad_step=jnp.zeros((), jnp.int32))
   return jax.jit(init, out_shardings=sharding)()
 
 
@@ -134,11 +144,16 @@ def make_train_step(model, tx, mean, std, seed: int):
     # averages are averaged so that every replica holds the same state.
     stats = jax.lax.pmean(stats, parallel.AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                       batch_stats=stats, opt_state=opt_state)
     error = jnp.mean(jnp.argmax(logits, -1) != batch['label'])
     metrics = jax.lax.pmean({'train_loss': loss, 'train_error': error}, parallel.AXIS)
-    return state, metrics
+    # Every replica sees the same reduced loss and gradients, so all agree on this.
+    finite = jnp.isfinite(metrics['train_loss']) & jnp.isfinite(optax.tree.norm(grads))
+    bad_step = jnp.where(state.bad_step > 0, state.bad_step,
+                         jnp.where(finite, 0, state.step + 1)).astype(jnp.int32)
+    new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                     batch_stats=stats, opt_state=opt_state, bad_step=bad_step)
+    frozen = jax.tree.map(lambda old, n: jnp.where(bad_step > 0, old, n), state, new)
+    return frozen.replace(bad_step=bad_step), metrics
 
   return step
 
@@ -229,20 +244,6 @@ class Run:
             'error_top5': float(totals['errors_top5']) / n, 'examples': int(n)}
 
 
-def _check_workdir_config(workdir: epath.Path, config) -> None:
-  path = workdir / 'config.json'
-  if not path.exists():
-    return
-  try:
-    old = json.loads(path.read_text())
-  except json.JSONDecodeError:
-    raise UserError(f'{path} is not valid JSON; restore it or use a new --workdir') from None
-  diff = config_lib.differences(old, config.to_dict())
-  if diff:
-    raise UserError(f'{workdir} holds a different run (config {"; ".join(diff[:3])}); '
-                    'use a new --workdir or pass that run\'s config')
-
-
 class _Prefetch:
   """Prepares batches on a host thread, ``depth`` steps ahead of the device."""
 
@@ -275,125 +276,194 @@ class _Prefetch:
       self._q.get_nowait()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
-  """Trains (resuming if workdir has checkpoints) and returns the outcome:
-  {'status': completed | diverged | preempted, 'step', 'reason', 'test_error'}.
+class Signals:
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) become a status the loop reads once a
+  step: the run then saves at the step it reached and ends, with no traceback."""
+  STATUS = {signal.SIGTERM: 'preempted', signal.SIGINT: 'interrupted'}
 
-  ``devices`` defaults to every device of every process."""
-  workdir = epath.Path(workdir)
-  config = config_lib.validate(config)
-  lead = jax.process_index() == 0
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'cannot create workdir {workdir}: {e}') from None
-  _check_workdir_config(workdir, config)
-  run = Run(config, workdir, devices=devices)
-  if lead:
-    (workdir / 'config.json').write_text(config_lib.to_json(config))
+  def __init__(self):
+    self.status, self.name, self._previous = None, '', {}
 
-  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig, status in self.STATUS.items():
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, _frame):
+    self.status, self.name = self.STATUS[signum], signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    return False
+
+
+def _restore(run: Run, ckpts: checkpoint.Checkpoints, workdir) -> TrainState:
   state = run.init_state()
   if ckpts.latest() is not None:
     state, _ = ckpts.restore(state)
     logging.info('resumed from step %d in %s', int(state.step), workdir)
-  state = run.replicas.for_step(state)
-  start = int(state.step)
-  total = config.total_steps
-  if start >= total and (workdir / 'outcome.json').exists():
-    ckpts.close()
-    logging.info('%s already trained to step %d', workdir, start)
-    return json.loads((workdir / 'outcome.json').read_text())  # keep what it recorded
-  writer = logs.Writer(workdir, enabled=lead)
+  return run.replicas.for_step(state)
 
-  preempted = threading.Event()
-  previous = None
-  if threading.current_thread() is threading.main_thread():
-    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.set())
 
+def _log_row(run: Run, pending: list, step: int, since: tuple[int, float]) -> dict:
+  """Means of the metrics since the last row, images/s and the lr of the last step."""
+  fetched = jax.device_get(pending)
+  row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  row['images_per_s'] = (step - since[0]) * run.config.batch_size / max(time.time() - since[1],
+                                                                        1e-9)
+  row['lr'] = float(run.schedule(step - 1))
+  return row
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
+  """Trains (resuming if workdir has checkpoints) and returns the outcome:
+  {'status': completed | diverged | preempted | interrupted | failed, 'step', 'reason',
+  'test_error'}. preact-train exits with ``EXIT_CODES[status]``.
+
+  Nothing is written until the config is valid and agrees with the workdir's record;
+  no non-finite state is ever saved. ``devices`` defaults to every device."""
+  workdir = epath.Path(workdir)
+  config = config_lib.validate(config)
+  lead = jax.process_index() == 0
+  runrecord.check(workdir, config)
+  recorded = runrecord.recorded_outcome(workdir)
+  if recorded and recorded.get('status') == 'diverged':
+    logging.info('%s diverged before (%s); not training it again', workdir,
+                 recorded.get('reason'))
+    return recorded
+  run = Run(config, workdir, devices=devices)  # bad settings fail before any write
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create workdir {workdir}: {e}') from None
+  with runrecord.Lock(workdir, enabled=lead), Signals() as signals:
+    if lead:
+      runrecord.write_atomic(workdir / 'config.json', config_lib.to_json(config))
+    ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
+    try:
+      state = _restore(run, ckpts, workdir)
+    except BaseException:
+      ckpts.close()
+      raise
+    start = int(state.step)
+    if start >= config.total_steps and recorded:
+      ckpts.close()
+      logging.info('%s already trained to step %d', workdir, start)
+      return recorded  # keep what it recorded
+    if lead:
+      runrecord.truncate_metrics(workdir, start)
+    outcome = _train(run, state, start, ckpts, signals, lead)
+  if lead:
+    try:
+      runrecord.write_atomic(workdir / 'outcome.json', runrecord.to_json(outcome))
+    except OSError as e:
+      logging.error('cannot record the outcome in %s: %s', workdir, e)
+  logging.info('outcome: %s', outcome)
+  return outcome
+
+
+def _train(run: Run, state: TrainState, start: int, ckpts, signals: Signals,
+           lead: bool) -> dict:
+  """The loop: steps, log rows, evaluations and checkpoints until the end, a signal, the
+  first non-finite step or a failed write."""
+  config, total = run.config, run.config.total_steps
+  writer = logs.Writer(run.workdir, enabled=lead)
   outcome = {'status': 'completed', 'step': start, 'reason': '', 'test_error': None}
   batches = _Prefetch(run, start, total, config.prefetch) if start < total else None
   progress = logs.Progress(config.progress, start, total, config.log_every)
-  pending, t_log, s_log, step = [], time.time(), start, start
+  pending, since, step = [], (start, time.time()), start
   try:
     while step < total:
       state, metrics = run.train_step(state, next(batches))
       step += 1
       pending.append(metrics)
       row = {}
-      if step % config.log_every == 0 or step == total:
-        fetched = jax.device_get(pending)
-        row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        now = time.time()
-        row['images_per_s'] = (step - s_log) * config.batch_size / max(now - t_log, 1e-9)
-        row['lr'] = float(run.schedule(step - 1))
-        pending, t_log, s_log = [], now, step
-        if not all(np.isfinite(m['train_loss']) for m in fetched):
-          bad = next(i for i, m in enumerate(fetched) if not np.isfinite(m['train_loss']))
-          at = step - len(fetched) + bad + 1
-          outcome.update(status='diverged', step=at,
-                         reason=f'train loss became {fetched[bad]["train_loss"]} at step {at}')
-          writer.write({'step': at, 'train_loss': fetched[bad]['train_loss']})
+      stop = signals.status  # read once: a signal arriving later counts from the next step
+      log = step % config.log_every == 0 or step == total
+      save = step % config.checkpoint_every == 0 or step == total or stop
+      if log or save:
+        bad = int(jax.device_get(state.bad_step))  # the only host sync besides logging
+        if bad:
+          fetched = jax.device_get(pending[:bad - (step - len(pending))])
+          outcome.update(status='diverged', step=bad,
+                         reason=f'train loss {float(fetched[-1]["train_loss"])} or its '
+                                f'gradients not finite at step {bad}; the last checkpoint '
+                                'is the last finite state')
+          writer.write({'step': bad, 'train_loss': fetched[-1]['train_loss']})
           logging.warning('diverged: %s', outcome['reason'])
           break
+      if log:
+        row = _log_row(run, pending, step, since)
+        pending, since = [], (step, time.time())
       if step % config.eval_every == 0 or step == total:
         ev = run.evaluate(state)
         row.update(test_loss=ev['loss'], test_error=ev['error'],
                    test_error_top5=ev['error_top5'])
         outcome['test_error'] = ev['error']
-        t_log = time.time()  # images/s counts training time only
+        since = (since[0], time.time())  # images/s counts training time only
       if row:
         writer.write({'step': step, **row})
-        progress.update(step, {k: v for k, v in row.items()
-                               if k in ('train_loss', 'train_error', 'test_error')})
-      else:
-        progress.update(step)
-      if step % config.checkpoint_every == 0 or step == total or preempted.is_set():
-        ckpts.save(step, run.replicas.for_save(state), {'step': step, 'dataset': config.dataset})
-      if preempted.is_set():
-        outcome.update(status='preempted', reason=f'SIGTERM; checkpoint saved at step {step}')
+      progress.update(step, {k: v for k, v in row.items()
+                             if k in ('train_loss', 'train_error', 'test_error')} or None)
+      if save:
+        try:
+          ckpts.save(step, run.replicas.for_save(state), {'step': step,
+                                                          'dataset': config.dataset})
+        except OSError as e:
+          outcome.update(status='failed', step=step,
+                         reason=f'saving the checkpoint of step {step} failed: {e}')
+          break
+      if stop:
+        outcome.update(status=stop,
+                       reason=f'{signals.name}; checkpoint saved at step {step}')
         break
-    outcome['step'] = step if outcome['status'] != 'diverged' else outcome['step']
+    if outcome['status'] != 'diverged' and outcome['status'] != 'failed':
+      outcome['step'] = step
   finally:
     progress.close()
     if batches is not None:
       batches.close()
-    ckpts.close()
+    try:
+      ckpts.close()
+    except OSError as e:
+      outcome.update(status='failed', reason=f'saving a checkpoint failed: {e}')
     writer.close()
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
-  if lead:
-    (workdir / 'outcome.json').write_text(json.dumps(outcome, indent=2))
-  logging.info('outcome: %s', outcome)
   return outcome
 
 
 def evaluate_checkpoint(workdir, step: int | None = None, split: str | None = None,
                         devices=None) -> dict:
-  """Restores a run's checkpoint with the run's own config and evaluates a whole split;
-  appends the result to workdir/eval.jsonl and returns it."""
+  """Restores a run's checkpoint with the run's own config and evaluates a whole split.
+  The config and the checkpoint are checked before any data is read."""
   workdir = epath.Path(workdir)
-  path = workdir / 'config.json'
-  if not path.exists():
-    raise UserError(f'{workdir} holds no run (no config.json); pass the --workdir of a '
-                    'preact-train run')
-  try:
-    config = config_lib.from_dict(json.loads(path.read_text()))
-  except json.JSONDecodeError:
-    raise UserError(f'{path} is not valid JSON; restore it from a backup') from None
+  config = runrecord.read_config(workdir)
+  steps = runrecord.checkpoint_steps(workdir)
+  if not steps:
+    raise UserError(f'no checkpoint in {workdir / "checkpoints"}; train first, or pass '
+                    'the --workdir of a run that saved one')
+  if step is not None and step not in steps:
+    raise UserError(f'no checkpoint for step {step} in {workdir / "checkpoints"} (have: '
+                    f'{", ".join(map(str, steps))})')
   run = Run(config, workdir, for_eval=True, devices=devices)
-  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints, asynchronous=False)
+  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
   try:
-    if ckpts.latest() is None:
-      raise UserError(f'no checkpoint in {workdir / "checkpoints"}; train first, or pass '
-                      'the --workdir of a run that saved one')
     state, _ = ckpts.restore(run.abstract_state(), step, sharding=run.replicas.replicated)
   finally:
     ckpts.close()
   state = run.replicas.for_step(state)
   split = split or run.spec.eval_split
   result = {'step': int(state.step), 'split': split, **run.evaluate(state, split)}
-  if jax.process_index() == 0:
-    with (workdir / 'eval.jsonl').open('a') as f:
-      f.write(json.dumps(result) + '\n')
+  recorded = runrecord.recorded_outcome(workdir) or {}
+  result['run_status'] = recorded.get('status', 'unfinished')
+  if recorded.get('status') == 'diverged':
+    result['run_reason'] = recorded.get('reason', '')
   return result
+
+
+def record_eval(workdir, result: dict) -> None:
+  """Appends an evaluation to workdir/eval.jsonl (process 0)."""
+  if jax.process_index() == 0:
+    with (epath.Path(workdir) / 'eval.jsonl').open('a') as f:
+      f.write(json.dumps(result, allow_nan=False) + '\n')

@@ -2,13 +2,15 @@
 
   preact-eval --workdir=runs/fmnist [--step=N] [--split=test]
 
-Prints one JSON line (step, split, loss, error, accuracy, examples) and appends it to
-WORKDIR/eval.jsonl.
+Prints one JSON line (step, split, loss, error, accuracy, examples, run_status) and
+appends it to WORKDIR/eval.jsonl. Exits 3 when the run diverged (the result is then
+that of its last finite checkpoint).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import flags
 
@@ -28,7 +30,16 @@ def main(argv):
   common.init_distributed(False)
   from preact import train
   result = train.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _SPLIT.value)
-  print(json.dumps(result), flush=True)
+  print(json.dumps(result, allow_nan=False), flush=True)  # checkpoints are finite
+  try:
+    train.record_eval(_WORKDIR.value, result)
+  except OSError as e:
+    print(f'preact-eval: warning: the result was not appended to eval.jsonl ({e})',
+          file=sys.stderr, flush=True)
+  if result['run_status'] == 'diverged':
+    print(f'preact-eval: the run diverged ({result["run_reason"]}); step '
+          f'{result["step"]} is its last finite checkpoint', file=sys.stderr, flush=True)
+    sys.exit(train.EXIT_CODES['diverged'])
 
 
 def run():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from preact.cli import common
@@ -30,12 +30,18 @@ def main(argv):
   common.init_distributed(config.distributed)
   from preact import train
   outcome = train.train_and_evaluate(config, _WORKDIR.value)
+  status = outcome['status']
   if outcome['test_error'] is not None:
     print(f'step {outcome["step"]}: test error {100 * outcome["test_error"]:.2f}% '
-          f'({outcome["status"]})', flush=True)
-  if outcome['status'] == 'preempted':
-    logging.warning('preempted: %s', outcome['reason'])
-    sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process
+          f'({status})', flush=True)
+  if status == 'failed':
+    print(f'preact-train: error: {outcome["reason"]}', file=sys.stderr, flush=True)
+  elif status != 'completed':
+    print(f'preact-train: {status} at step {outcome["step"]}: {outcome["reason"]}',
+          file=sys.stderr, flush=True)
+  # 0 completed, 3 diverged, 1 failed (a write), 130 interrupted (SIGINT), 143 preempted
+  # (SIGTERM): the last two as if the signal had ended the process.
+  sys.exit(train.EXIT_CODES[status])
 
 
 def run():

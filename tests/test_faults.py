@@ -1,0 +1,258 @@
+"""Bad input and faults, one table: each case is what a person does, the one-line error
+it must get (or the outcome it must record), and the files that must stay as they were.
+
+In-process cases call the library (errors are UserError, which the CLI turns into one
+line and exit 2); the CLI cases run the commands as a user does."""
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import REPO, cli_env, run_cli
+from preact import checkpoint, runrecord, train
+from preact.errors import UserError
+
+from test_train import tiny_config
+
+
+def _hashes(workdir):
+  """Every file below workdir → its sha256 (the run record and the checkpoints)."""
+  if not workdir.exists():
+    return None
+  return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(workdir.rglob('*')) if p.is_file()}
+
+
+def _train(config, workdir):
+  with tfds.testing.mock_data(num_examples=48):
+    return train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A finished 2-step run whose record the cases copy and damage."""
+  workdir = tmp_path_factory.mktemp('trained')
+  _train(tiny_config(total_steps=2, checkpoint_every=1, log_every=1), workdir)
+  return workdir
+
+
+def _copy(src, dst):
+  import shutil
+  shutil.copytree(src, dst)
+  return dst
+
+
+def _edit_config(key_path, value=None, drop=False):
+  def edit(w):
+    d = json.loads((w / 'config.json').read_text())
+    node = d
+    *parents, leaf = key_path.split('.')
+    for p in parents:
+      node = node[p]
+    if drop:
+      del node[leaf]
+    else:
+      node[leaf] = value
+    (w / 'config.json').write_text(json.dumps(d))
+  return edit
+
+
+def _write(name, text):
+  return lambda w: (w / name).write_text(text)
+
+
+def _remove(name):
+  return lambda w: (w / name).unlink()
+
+
+def _lock_by(pid, host=None):
+  import socket
+  return _write('.lock', json.dumps({'host': host or socket.gethostname(), 'pid': pid}))
+
+
+# (id, how the trained workdir is damaged, config overrides of the new command,
+#  regex of the one error line)
+RECORD_CASES = [
+    ('config_missing_with_checkpoints', _remove('config.json'), {},
+     r'holds checkpoints \(steps 1, 2\) but no config.json'),
+    ('config_empty_object', _write('config.json', '{}'), {},
+     r'config.json is not a complete run config \(it lacks augment'),
+    ('config_partial', _edit_config('model.shortcut', drop=True), {},
+     r'not a complete run config \(it lacks model.shortcut\)'),
+    ('config_not_json', _write('config.json', '{"dataset": '), {},
+     r'config.json is not valid JSON'),
+    ('config_a_list', _write('config.json', '[1, 2]'), {}, r'config.json holds no config'),
+    ('config_bad_value', _edit_config('model.unit', 'preact'), {},
+     r"config.json: model.unit='preact' is not one of"),
+    ('another_seed', None, {'seed': 1}, r'holds a different run \(config seed: 0 → 1\)'),
+    ('another_lr', None, {'optimizer.lr': 0.5},
+     r'holds a different run \(config optimizer.lr: 0.1 → 0.5\)'),
+    ('another_unit', None, {'model.unit': 'original'},
+     r"holds a different run \(config model.unit: 'full_preact' → 'original'\)"),
+    ('locked_by_a_live_process', _lock_by(1), {},
+     r'is in use by another preact-train \(host .+, pid 1\)'),
+    ('locked_on_another_host', _lock_by(4242, host='gpu7'), {},
+     r'is in use by another preact-train \(host gpu7, pid 4242\)'),
+]
+
+
+@pytest.mark.parametrize('name,damage,overrides,error', RECORD_CASES,
+                         ids=[c[0] for c in RECORD_CASES])
+def test_a_bad_run_record_is_refused_and_left_alone(trained, tmp_path, name, damage,
+                                                    overrides, error):
+  workdir = _copy(trained, tmp_path / 'run')
+  if damage:
+    damage(workdir)
+  before = _hashes(workdir)
+  with pytest.raises(UserError, match=error):
+    _train(tiny_config(total_steps=2, checkpoint_every=1, **overrides), workdir)
+  assert _hashes(workdir) == before
+
+
+# (id, config overrides, regex of the one error line): refused before the workdir exists.
+CONFIG_CASES = [
+    ('negative_lr', {'optimizer.lr': -0.1}, r'optimizer.lr must be a number in \(0, ∞\]'),
+    ('nan_lr', {'optimizer.lr': float('nan')}, r'optimizer.lr must be a number in .*got nan'),
+    ('zero_lr', {'optimizer.lr': 0.0}, r'optimizer.lr must be a number in \(0'),
+    ('momentum_one', {'optimizer.momentum': 1.0}, r'optimizer.momentum must be .*\[0, 1\)'),
+    ('negative_weight_decay', {'optimizer.weight_decay': -1e-4}, r'optimizer.weight_decay'),
+    ('decay_factor_zero', {'optimizer.decay_factor': 0.0}, r'optimizer.decay_factor'),
+    ('warmup_longer_than_run', {'optimizer.warmup_steps': 3},
+     r'optimizer.warmup_steps \(3\) must be shorter than the run \(total_steps 3\)'),
+    ('negative_warmup', {'optimizer.warmup_steps': -1}, r'optimizer.warmup_steps must be'),
+    ('boundaries_decrease', {'optimizer.boundaries': (5, 2)}, r'boundaries must be positive'),
+    ('boundary_zero', {'optimizer.boundaries': (0, 2)}, r'boundaries must be positive'),
+    ('negative_epochs', {'total_epochs': -2.0}, r'total_epochs must be'),
+    ('zero_batch', {'batch_size': 0}, r'batch_size must be a positive integer'),
+    ('zero_eval_every', {'eval_every': 0}, r'eval_every must be a positive integer'),
+    ('unknown_unit', {'model.unit': 'preact'}, r"model.unit='preact' is not one of"),
+    ('unknown_shortcut', {'model.shortcut': 'identity'}, r"model.shortcut='identity'"),
+    ('dropout_rate_one', {'model.unit': 'dropout_shortcut', 'model.unit_args.rate': 1.0},
+     r'dropout rate must be in \[0, 1\)'),
+    ('negative_padding', {'augment.crop_padding': -4}, r'augment.crop_padding'),
+    ('batch_not_divisible', {'batch_size': 12}, r'batch_size 12 is not divisible by the 8'),
+]
+
+
+@pytest.mark.parametrize('name,overrides,error', CONFIG_CASES,
+                         ids=[c[0] for c in CONFIG_CASES])
+def test_a_bad_config_is_one_error_and_creates_nothing(tmp_path, name, overrides, error):
+  workdir = tmp_path / 'new'
+  with pytest.raises(UserError, match=error):
+    with tfds.testing.mock_data(num_examples=48):
+      train.train_and_evaluate(tiny_config(**overrides), workdir)
+  assert not workdir.exists()
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  _lock_by(2 ** 22 + 12345)(workdir)  # a trainer killed on this host: no such process
+  out = _train(tiny_config(total_steps=2), workdir)
+  assert out['status'] == 'completed' and not (workdir / '.lock').exists()
+
+
+def test_resume_drops_metric_rows_past_the_restored_step(trained, tmp_path):
+  workdir = _copy(trained, tmp_path / 'run')
+  ckpt = workdir / 'checkpoints' / '2'
+  import shutil
+  shutil.rmtree(ckpt)  # as if killed after logging step 2 but before its save committed
+  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [1, 2]
+  (workdir / 'outcome.json').unlink()
+  _train(tiny_config(total_steps=2, checkpoint_every=1), workdir)
+  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [1, 2]
+
+
+def test_divergence_stops_at_the_first_bad_step_and_saves_no_bad_state(tmp_path):
+  c = tiny_config(total_steps=12, log_every=10, checkpoint_every=5)
+  c.optimizer.lr, c.optimizer.schedule = 1e30, 'step'  # step 2 applies an overflowed update
+  out = _train(c, tmp_path)
+  assert out['status'] == 'diverged' and out['test_error'] is None
+  bad = out['step']
+  assert 1 <= bad <= 3 and f'not finite at step {bad}' in out['reason']
+  saved = json.loads((tmp_path / 'outcome.json').read_text())
+  assert saved == out
+  # Every checkpoint is finite and older than the bad step.
+  for step in runrecord.checkpoint_steps(tmp_path):
+    assert step < bad
+    ck = checkpoint.Checkpoints(tmp_path)
+    arrays = ck.restore_arrays(step)
+    ck.close()
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(arrays['params']))
+  text = (tmp_path / 'metrics.jsonl').read_text()
+  assert 'NaN' not in text and 'Infinity' not in text
+  # Again: the recorded outcome, no training, nothing rewritten.
+  before = _hashes(tmp_path)
+  assert _train(c, tmp_path) == out
+  assert _hashes(tmp_path) == before
+
+
+def test_a_failed_save_stops_the_run_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+  real = checkpoint.Checkpoints.save
+
+  def save(self, step, state, meta):
+    if step == 3:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return real(self, step, state, meta)
+
+  monkeypatch.setattr(checkpoint.Checkpoints, 'save', save)
+  out = _train(tiny_config(total_steps=6, checkpoint_every=1), tmp_path)
+  assert out['status'] == 'failed' and out['step'] == 3
+  assert 'No space left on device' in out['reason']
+  assert runrecord.checkpoint_steps(tmp_path) == [1, 2]
+  assert json.loads((tmp_path / 'outcome.json').read_text())['status'] == 'failed'
+  assert train.EXIT_CODES['failed'] != 0
+
+
+def test_outcome_json_never_holds_nan():
+  text = runrecord.to_json({'status': 'diverged', 'test_error': float('nan'),
+                            'x': [float('inf'), 1.0]})
+  assert json.loads(text) == {'status': 'diverged', 'test_error': None, 'x': [None, 1.0]}
+
+
+# --------------------------------------------------------------------------------------
+# As a user runs the commands.
+
+def _tiny_args(workdir, fmnist_dir, *extra):
+  return ['--config=experiments/fashion_mnist.py', f'--workdir={workdir}',
+          f'--config.data_dir={fmnist_dir}', '--config.model.depth=8',
+          '--config.batch_size=16', '--config.eval_batch_size=1000',
+          '--config.log_every=3', '--config.checkpoint_every=6', '--config.progress=log',
+          *extra]
+
+
+def test_sigint_saves_and_exits_130(tmp_path, fmnist_dir):
+  proc = subprocess.Popen([sys.executable, '-m', 'preact.cli.train',
+                           *_tiny_args(tmp_path, fmnist_dir, '--config.total_steps=100000',
+                                       '--config.checkpoint_every=50000')],
+                          cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (tmp_path / 'metrics.jsonl').exists() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-2000:]
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err
+  outcome = json.loads((tmp_path / 'outcome.json').read_text())
+  assert outcome['status'] == 'interrupted'
+  assert runrecord.checkpoint_steps(tmp_path)[-1:] == [outcome['step']], (outcome, err[-3000:])
+
+
+def test_eval_checks_the_record_before_reading_data(tmp_path):
+  (tmp_path / 'checkpoints').mkdir()
+  (tmp_path / 'config.json').write_text('{}')
+  with pytest.raises(UserError, match='not a complete run config'):
+    train.evaluate_checkpoint(tmp_path)  # no mock data: reading any would fail otherwise
