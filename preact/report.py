@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -75,7 +76,7 @@ def load_run(workdir) -> RunResult:
   metrics = logs.read_jsonl(w / 'metrics.jsonl')
   outcome = json.loads((w / 'outcome.json').read_text()) if (w / 'outcome.json').exists() \
       else {'status': 'running', 'step': metrics[-1]['step'] if metrics else 0}
-  evals = [r for r in metrics if 'test_error' in r]
+  evals = [r for r in metrics if r.get('test_error') is not None]
   error = 100 * evals[-1]['test_error'] if evals else None
   top5 = 100 * evals[-1]['test_error_top5'] if evals and 'test_error_top5' in evals[-1] else None
   return RunResult(str(w), config, metrics, outcome, error, top5)
@@ -156,14 +157,26 @@ def markdown(runs: list[RunResult]) -> str:
   return '\n'.join(parts)
 
 
+def _load_or_warn(workdir) -> RunResult | None:
+  try:
+    return load_run(workdir)
+  except (OSError, ValueError, KeyError, TypeError) as e:  # JSON errors are ValueErrors
+    print(f'preact-report: warning: skipping {workdir}: {str(e).splitlines()[0][:200]}',
+          file=sys.stderr, flush=True)
+    return None
+
+
 def write(paths, out) -> str:
-  """Loads the runs below ``paths``, writes OUT/report.md and OUT/curves_*.png."""
+  """Loads the runs below ``paths`` (a run whose record cannot be read is skipped with a
+  warning naming it), writes OUT/report.md and OUT/curves_*.png."""
   from preact import plots
-  runs = [load_run(w) for w in find_runs(paths)]
-  if not runs:
-    from preact.errors import UserError
-    raise UserError(f'no runs (directories with config.json) under {", ".join(map(str, paths))}')
+  from preact.errors import UserError
   out = epath.Path(out)
+  if out.exists() and not out.is_dir():
+    raise UserError(f'--out {out} is a file; name a directory for report.md and the curves')
+  runs = [r for r in map(_load_or_warn, find_runs(paths)) if r is not None]
+  if not runs:
+    raise UserError(f'no runs (directories with config.json) under {", ".join(map(str, paths))}')
   out.mkdir(parents=True, exist_ok=True)
   text = '# Results\n\n' + markdown(runs)
   figures = []

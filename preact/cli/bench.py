@@ -36,6 +36,12 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (median).')
 _TORCH = flags.DEFINE_bool('torch', False, 'Also run the PyTorch reference (needs torch).')
 _DEPTHS = flags.DEFINE_list('depths', None, 'Depths for --mode=compile/sweep.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
+for _flag in ('depth', 'batch', 'steps'):
+  flags.register_validator(_flag, lambda v: v is not None and v > 0,
+                           message=f'--{_flag} must be a positive integer')
+flags.register_validator(
+    'depths', lambda v: v is None or all(d.strip().isdigit() and int(d) > 0 for d in v),
+    message='--depths takes positive integers separated by commas, e.g. 164,1001')
 
 
 @common.main('preact-bench')

@@ -6,6 +6,7 @@ import logging as py_logging
 import os
 import re
 import sys
+import traceback
 
 from absl import app, flags
 
@@ -82,7 +83,8 @@ def load_config(holder):
     if config is not None:
       config.get('dataset')  # the file is loaded lazily; surface its errors here
   except Exception as e:  # noqa: BLE001 — anything a config file raises
-    raise UserError(f'cannot load --config: {one_line(e)}') from None
+    path = _config_path(sys.argv) or '--config'
+    raise UserError(f'cannot load --config: {config_error(e, path)}') from None
   return config
 
 
@@ -104,28 +106,77 @@ def default_config():
   return module.get_config()
 
 
+# Exceptions that mean the config file's own code is wrong: report where.
+_CODE_ERRORS = {'SyntaxError', 'NameError', 'ImportError', 'ModuleNotFoundError',
+                'AttributeError', 'TypeError', 'KeyError', 'IndexError', 'ZeroDivisionError',
+                'UnboundLocalError'}
+
+
+def _config_path(argv) -> str | None:
+  for a in argv:
+    if a.startswith('--config='):
+      return a.split('=', 1)[1].split(':', 1)[0]
+  return None
+
+
+def config_error(e: BaseException, path: str) -> str:
+  """One line for a config file that failed to load: the file and line for a fault in
+  its code, the message alone for a deliberate error (a bad row, a bad value)."""
+  if isinstance(e, SyntaxError) and e.filename:
+    return f'{e.filename}:{e.lineno}: SyntaxError: {e.msg}'
+  text = str(e)
+  if isinstance(e, FileNotFoundError) or 'No such file or directory' in text:
+    return f'no such config file {path}'
+  if 'get_config' in text and ('has no attribute' in text or 'AttributeError' in text):
+    return f'{path} defines no get_config(); a config file returns its ConfigDict from it'
+  target = os.path.abspath(path)
+  if 'Traceback' in text:  # ml_collections passes get_config's exception on as text
+    last = [l.strip() for l in text.strip().splitlines() if l.strip()][-1]
+    kind, _, message = last.partition(': ')
+    frames = re.findall(r'File "([^"]+)", line (\d+)', text)
+  else:
+    kind, message = e.__class__.__name__, one_line(e)
+    frames = [(f.f_code.co_filename, line) for f, line in traceback.walk_tb(e.__traceback__)]
+  where = [f'{f}:{line}' for f, line in frames if os.path.abspath(f) == target]
+  raised_there = frames and os.path.abspath(frames[-1][0]) == target
+  if where and (raised_there or kind.split('.')[-1] in _CODE_ERRORS):
+    return f'{where[-1]}: {kind}: {message}'
+  return message or kind  # raised on purpose deeper down (a bad row): its message says it
+
+
 def run(main_fn):
-  """app.run, but flag errors (unknown --config.key, bad values) exit 2 with one line."""
+  """app.run, but flag errors (a config file that does not load, an unknown
+  --config.key, a bad value) exit 2 with one line."""
   tool = getattr(main_fn, 'tool', os.path.basename(sys.argv[0]))
 
   def parse(argv):
     try:
       return flags.FLAGS(argv)
-    except (flags.Error, UserError, AttributeError, KeyError, ValueError, TypeError,
-            OSError) as e:
-      text = one_line(e)
-      if 'Traceback' in str(e):  # get_config() raised: its own message says what is wrong
-        last = [l for l in str(e).strip().splitlines() if l.strip()][-1]
-        text = 'cannot load --config: ' + re.sub(r'^\w+(Error|Exception): ', '', last.strip())
-      elif isinstance(e, OSError):  # the --config file itself did not load
-        text = f'cannot load --config: {text}'
-      elif isinstance(e, (AttributeError, KeyError)):
+    except Exception as e:  # noqa: BLE001 — a config file may raise anything
+      path = _config_path(argv)
+      cause = e.__context__ if isinstance(e, flags.Error) and e.__context__ else e
+      if path and _loading_config(e, cause):
+        text = f'cannot load --config: {config_error(cause, path)}'
+      elif isinstance(cause, (AttributeError, KeyError)):
         # ml_collections reports an unknown --config.key this way, naming the key.
-        name = re.search(r"'([^']+)'", str(e).replace("\\'", "'"))
+        name = re.search(r"'([^']+)'", str(cause).replace("\\'", "'"))
         bad = next((a.split('=')[0] for a in argv if a.startswith('--config.') and name
                     and a.split('=')[0].endswith('.' + name.group(1))), '--config.…')
-        text = f'unknown config key in {bad}: {text}'
+        text = f'unknown config key in {bad}: {one_line(cause)}'
+      else:
+        text = one_line(e)
       print(f'{tool}: error: {text}', file=sys.stderr, flush=True)
       sys.exit(2)
 
   app.run(main_fn, flags_parser=parse)
+
+
+def _loading_config(e: BaseException, cause: BaseException) -> bool:
+  """Whether the error came from loading the --config file rather than a --config.key."""
+  text = f'{e} {cause}'
+  if isinstance(cause, (SyntaxError, ImportError, NameError, OSError)):
+    return True
+  if any(k in text for k in ('get_config', 'Failed loading config file', 'Traceback')):
+    return True
+  names = {f.f_code.co_name for f, _ in traceback.walk_tb(cause.__traceback__)}
+  return '<module>' in names

@@ -60,6 +60,10 @@ def main(argv):
   imnet = [d for d in depths if d in models.IMAGENET_STAGES] if depths else IMAGENET_DEPTHS
   cifar = [] if _ARCH.value == 'imagenet' else cifar
   imnet = [] if _ARCH.value == 'cifar' else imnet
+  if depths and not cifar and not imnet:
+    raise common.UserError(f'no {_ARCH.value} network has depth '
+                           f'{", ".join(map(str, depths))}; ImageNet depths: '
+                           f'{", ".join(map(str, models.IMAGENET_STAGES))}')
   bad = [d for d in cifar if not any(d > 2 and (d - 2) % m == 0
                                      for m, _, _ in models.CIFAR_DEPTH.values())]
   if bad:

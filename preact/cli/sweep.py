@@ -42,9 +42,29 @@ def main(argv):
     exe = _PREACT_TRAIN.value or os.path.join(os.path.dirname(sys.executable), 'preact-train')
     commands = [[exe, *c[1:]] for c in commands]
   failed = launchers.execute(commands, _DRY.value, parallel=bool(_HOSTS.value))
+  if not _DRY.value:
+    _summary(_WORKDIR.value, seeds)
   if failed:
-    print(f'preact-sweep: {failed} of {len(commands)} seeds failed', file=sys.stderr)
+    print(f'preact-sweep: {failed} of {len(commands)} seeds did not complete (their '
+          'outcome.json says why)', file=sys.stderr)
     sys.exit(1)
+
+
+def _summary(workdir: str, seeds: list[int]) -> None:
+  """One line per seed: its recorded outcome."""
+  import json
+  import os
+  print(f'{"seed":>4}  {"status":<12} {"step":>7}  test error', flush=True)
+  for seed in seeds:
+    path = os.path.join(workdir, f'seed{seed}', 'outcome.json')
+    try:
+      with open(path) as f:
+        o = json.load(f)
+    except (OSError, ValueError):
+      o = {'status': 'no outcome'}
+    err = o.get('test_error')
+    print(f'{seed:>4}  {o.get("status", "?"):<12} {o.get("step", "–")!s:>7}  '
+          f'{"–" if err is None else f"{100 * err:.2f}%"}', flush=True)
 
 
 def run():
