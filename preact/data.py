@@ -34,13 +34,19 @@ class Spec:
   std: tuple[float, ...] | None
   streaming: bool = False         # too large for host memory: tf.data per-process shards
   eval_split: str = 'test'
+  # Where TFDS downloads it from (host, port), checked before a download so that an
+  # offline machine fails in seconds; None: prepared from local files (manual_dir).
+  source: tuple[str, int] | None = None
 
 
 DATASETS = {
     # fb.resnet.torch's constants (datasets/cifar10.lua, cifar100.lua), 0–255 scale.
-    'cifar10': Spec(10, 50_000, (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
-    'cifar100': Spec(100, 50_000, (129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
-    'fashion_mnist': Spec(10, 60_000, None, None),
+    'cifar10': Spec(10, 50_000, (125.3, 123.0, 113.9), (63.0, 62.1, 66.7),
+                    source=('www.cs.toronto.edu', 443)),
+    'cifar100': Spec(100, 50_000, (129.3, 124.1, 112.4), (68.2, 65.4, 70.4),
+                     source=('www.cs.toronto.edu', 443)),
+    'fashion_mnist': Spec(10, 60_000, None, None,
+                          source=('fashion-mnist.s3-website.eu-central-1.amazonaws.com', 80)),
     'imagenet2012': Spec(1000, 1_281_167, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375),
                          streaming=True, eval_split='validation'),
 }
@@ -104,9 +110,12 @@ def builder(name: str, data_dir: str = '', manual_dir: str = ''):
       local.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=source))
       return tfds.builder(name, data_dir=data_dir)
+    _check_reachable(name, data_dir)
     config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
     b.download_and_prepare(download_config=config)
     return b
+  except UserError:
+    raise
   except (PermissionError, OSError) as e:
     raise UserError(f'cannot use TFDS data_dir {data_dir or "(default)"} for {name}: '
                     f'{e.__class__.__name__}: {_first_line(e)}; pass a readable, writable '
@@ -120,6 +129,22 @@ def builder(name: str, data_dir: str = '', manual_dir: str = ''):
                     f'could not be prepared: {_first_line(e)}{hint}; run `tfds build {name}` '
                     'where the network is reachable, or point --config.data_dir at a '
                     'prepared copy') from None
+
+
+def _check_reachable(name: str, data_dir: str | None, timeout: float = 5.0) -> None:
+  """Fails in seconds, with the remedy, where TFDS would retry a download for minutes."""
+  import socket
+  source = DATASETS[name].source if name in DATASETS else None
+  if source is None:
+    return
+  try:
+    socket.create_connection(source, timeout=timeout).close()
+  except OSError as e:
+    raise UserError(
+        f'{name} is not prepared in {data_dir or "the TFDS default data_dir"} and its '
+        f'source {source[0]} is unreachable ({e.__class__.__name__}); prepare it where the '
+        f'network is reachable (`tfds build {name} --data_dir=DIR`), copy DIR here and pass '
+        '--config.data_dir=DIR') from None
 
 
 def _first_line(e: Exception) -> str:

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -256,3 +257,82 @@ def test_eval_checks_the_record_before_reading_data(tmp_path):
   (tmp_path / 'config.json').write_text('{}')
   with pytest.raises(UserError, match='not a complete run config'):
     train.evaluate_checkpoint(tmp_path)  # no mock data: reading any would fail otherwise
+
+
+CONFIG_FILES = {  # a config file a person got wrong → where the one line points
+    'syntax.py': ('def get_config(:\n  pass\n', r'syntax.py:1: SyntaxError: invalid syntax'),
+    'name.py': ('def get_config():\n  return confg.base()\n',
+                r"name.py:2: NameError: name 'confg' is not defined"),
+    'raises.py': ('def get_config():\n  raise ValueError("lr schedule unknown")\n',
+                  r'raises.py:2: ValueError: lr schedule unknown'),
+    'noget.py': ('X = 1\n', r'noget.py defines no get_config\(\)'),
+    'imports.py': ('import nonexistent_module\n',
+                   r"imports.py:1: ModuleNotFoundError: No module named 'nonexistent_module"),
+}
+
+# (tool, arguments with {tmp} and {cfg} filled in, exit code, regex of the one stderr line)
+CLI_CASES = [
+    *[('train', [f'--config={{cfg}}/{name}', '--workdir={tmp}/w'], 2,
+       rf'^preact-train: error: cannot load --config: .*{error}')
+      for name, (_, error) in CONFIG_FILES.items()],
+    ('train', ['--config={tmp}/missing.py', '--workdir={tmp}/w'], 2,
+     r'cannot load --config: no such config file .*missing.py$'),
+    ('train', ['--config=experiments/table1.py:nope', '--workdir={tmp}/w'], 2,
+     r"cannot load --config: unknown row 'nope'; rows: original"),
+    ('train', ['--config=experiments/fashion_mnist.py', '--config.model.deepth=3',
+               '--workdir={tmp}/w'], 2, r'unknown config key in --config.model.deepth'),
+    ('train', ['--config=experiments/fashion_mnist.py', '--config.optimizer.lr=-0.1',
+               '--workdir={tmp}/w'], 2, r'optimizer.lr must be a number in \(0, ∞\]'),
+    ('train', ['--config=experiments/fashion_mnist.py', '--config.optimizer.lr=fast',
+               '--workdir={tmp}/w'], 2, r'--config.optimizer.lr=fast'),
+    ('train', ['--config=experiments/fashion_mnist.py'], 2, r'--config and --workdir are required'),
+    ('train', ['--config=experiments/fashion_mnist.py', '--workdir={tmp}/w', 'extra'], 2,
+     r'unexpected arguments extra'),
+    ('eval', ['--workdir={tmp}'], 2, r'holds no run \(no config.json\)'),
+    ('eval', [], 2, r'--workdir is required'),
+    ('bench', ['--batch=0'], 2, r'--batch must be a positive integer'),
+    ('bench', ['--steps=-3'], 2, r'--steps must be a positive integer'),
+    ('bench', ['--depth=0'], 2, r'--depth must be a positive integer'),
+    ('bench', ['--mode=compile', '--depths=164,x'], 2, r'--depths takes positive integers'),
+    ('models', ['--arch=imagenet', '--depths=20'], 2,
+     r'no imagenet network has depth 20; ImageNet depths: 18, 34, 50'),
+    ('models', ['--depths=100'], 2, r'depth 100 fits no CIFAR unit'),
+    ('models', ['--units=preact'], 2, r"unknown unit 'preact'"),
+    ('report', [], 2, r'name at least one run directory'),
+    ('report', ['{tmp}', '--out={cfg}/syntax.py'], 2, r'--out .*syntax.py is a file'),
+    ('report', ['{tmp}/nothing', '--out={tmp}/r'], 2, r'no runs'),
+    ('sweep', ['--config=experiments/fashion_mnist.py', '--workdir={tmp}/s', '--seeds=a'], 2,
+     r'--seeds takes integers'),
+]
+
+
+@pytest.mark.parametrize('tool,args,code,error', CLI_CASES,
+                         ids=[f'{c[0]}-{i}' for i, c in enumerate(CLI_CASES)])
+def test_cli_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, tool, args, code, error):
+  cfg = tmp_path / 'cfg'
+  cfg.mkdir()
+  for name, (text, _) in CONFIG_FILES.items():
+    (cfg / name).write_text(text)
+  before = _hashes(tmp_path)
+  proc = run_cli(tool, *[a.format(tmp=tmp_path, cfg=cfg) for a in args], timeout=120)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == code, proc.stderr[-2000:]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  assert re.search(error, lines[0]), lines[0]
+  assert _hashes(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_offline_download_fails_in_seconds_with_the_remedy(tmp_path, monkeypatch):
+  import socket
+
+  def unreachable(*args, **kwargs):
+    raise socket.gaierror(-2, 'Name or service not known')
+
+  monkeypatch.setattr(socket, 'create_connection', unreachable)
+  c = tiny_config(data_dir=str(tmp_path / 'tfds'))
+  t = time.time()
+  with pytest.raises(UserError, match=r'cifar10 is not prepared in .*tfds and its source '
+                     r'www.cs.toronto.edu is unreachable .*tfds build cifar10 --data_dir=DIR'):
+    train.train_and_evaluate(c, tmp_path / 'w', devices=jax.devices()[:1])
+  assert time.time() - t < 10
+  assert not (tmp_path / 'w').exists()
