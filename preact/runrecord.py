@@ -34,7 +34,7 @@ def write_atomic(path, text: str) -> None:
   tmp.replace(path)
 
 
-def to_json(obj) -> str:
+def to_json(obj, indent: int | None = 2) -> str:
   """JSON without bare NaN/Infinity tokens: non-finite numbers become null."""
   def clean(x):
     if isinstance(x, float) and not math.isfinite(x):
@@ -44,7 +44,7 @@ def to_json(obj) -> str:
     if isinstance(x, (list, tuple)):
       return [clean(v) for v in x]
     return x
-  return json.dumps(clean(obj), indent=2, allow_nan=False)
+  return json.dumps(clean(obj), indent=indent, allow_nan=False)
 
 
 def checkpoint_steps(workdir) -> list[int]:

@@ -466,4 +466,4 @@ def record_eval(workdir, result: dict) -> None:
   """Appends an evaluation to workdir/eval.jsonl (process 0)."""
   if jax.process_index() == 0:
     with (epath.Path(workdir) / 'eval.jsonl').open('a') as f:
-      f.write(json.dumps(result, allow_nan=False) + '\n')
+      f.write(runrecord.to_json(result, indent=None) + '\n')

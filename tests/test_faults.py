@@ -336,3 +336,16 @@ def test_offline_download_fails_in_seconds_with_the_remedy(tmp_path, monkeypatch
     train.train_and_evaluate(c, tmp_path / 'w', devices=jax.devices()[:1])
   assert time.time() - t < 10
   assert not (tmp_path / 'w').exists()
+
+
+def test_report_skips_a_broken_run_with_a_warning(trained, tmp_path, capsys):
+  from preact import report
+  good = _copy(trained, tmp_path / 'runs' / 'good')
+  broken = tmp_path / 'runs' / 'broken'
+  broken.mkdir()
+  (broken / 'config.json').write_text('{"model": ')
+  text = report.write([tmp_path / 'runs'], tmp_path / 'out')
+  err = capsys.readouterr().err
+  assert f'preact-report: warning: skipping {broken}' in err and str(good) not in err
+  assert (tmp_path / 'out' / 'report.md').exists() and '| full_preact |' in text.replace(
+      'basic', '')

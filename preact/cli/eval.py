@@ -9,7 +9,6 @@ that of its last finite checkpoint).
 
 from __future__ import annotations
 
-import json
 import sys
 
 from absl import flags
@@ -28,9 +27,9 @@ def main(argv):
   if not _WORKDIR.value:
     raise common.UserError('--workdir is required: the directory of a preact-train run')
   common.init_distributed(False)
-  from preact import train
+  from preact import runrecord, train
   result = train.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _SPLIT.value)
-  print(json.dumps(result, allow_nan=False), flush=True)  # checkpoints are finite
+  print(runrecord.to_json(result, indent=None), flush=True)
   try:
     train.record_eval(_WORKDIR.value, result)
   except OSError as e:
