@@ -29,7 +29,7 @@ def build_model(depth=164, bottleneck=True, unit='full_preact', dtype='float32',
   c.model.depth, c.model.bottleneck, c.model.unit, c.model.one_layer = (depth, bottleneck,
                                                                         unit, one_layer)
   c.model.dtype, c.model.scan, c.model.remat, c.model.cpu_conv = dtype, scan, remat, cpu_conv
-  return train.build_model(c, num_classes)
+  return models.from_config(c, num_classes)
 
 
 def _train_step(model, channels: int):

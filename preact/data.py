@@ -17,6 +17,8 @@ import dataclasses
 import functools
 import itertools
 import os
+import queue
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -272,6 +274,38 @@ class InMemory:
 
   def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
     return (self.batch(t) for t in itertools.count(start_step))
+
+
+class Prefetch:
+  """Prepares ``count`` batches of ``source`` on a host thread, ``depth`` ahead of the
+  device; ``put`` places each one (on the devices)."""
+
+  def __init__(self, source: Iterator, put, count: int, depth: int):
+    self._q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    self._stop = threading.Event()
+
+    def work():
+      try:
+        for _ in range(count):
+          if self._stop.is_set():
+            return
+          self._q.put(put(next(source)))
+      except BaseException as e:  # noqa: BLE001 — re-raised in the consumer
+        self._q.put(e)
+
+    self._thread = threading.Thread(target=work, daemon=True)
+    self._thread.start()
+
+  def __next__(self):
+    item = self._q.get()
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self):
+    self._stop.set()
+    while not self._q.empty():
+      self._q.get_nowait()
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,

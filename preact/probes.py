@@ -178,7 +178,6 @@ def probe_variants(config, unit_names, depths, bottleneck=None, zero_init_last=F
                    batch=32, bn='auto', seed=0, progress=False):
   """Probes each unit variant at each depth at initialization; returns the results and
   the identity-mapping test {'<unit>@<depth>': per-stage relative change}."""
-  from preact import train
   images, labels, classes = probe_batch(config, batch)
   train_mode = bn != 'eval'
 
@@ -190,7 +189,7 @@ def probe_variants(config, unit_names, depths, bottleneck=None, zero_init_last=F
       c.model.zero_init_last = zero_init_last
       c.model.unit_args = type(c.model.unit_args)(
           {k: None for k in c.model.unit_args})  # each unit's own defaults
-    model = train.build_model(c, classes)
+    model = models.from_config(c, classes)
     zeroed = model.clone(zero_init_last=True)
     t = time.time()
 
@@ -219,10 +218,10 @@ def probe_variants(config, unit_names, depths, bottleneck=None, zero_init_last=F
 
 def probe_checkpoint(workdir, batch: int = 32, bn: str = 'auto') -> ProbeResult:
   """Probes a preact-train run's latest checkpoint on its own evaluation data."""
-  from preact import checkpoint, runrecord, train
+  from preact import checkpoint, runrecord
   config = runrecord.read_config(workdir)
   images, labels, classes = probe_batch(config, batch)
-  model = train.build_model(config, classes)
+  model = models.from_config(config, classes)
   ck = checkpoint.Checkpoints(workdir)
   try:
     state = ck.restore_arrays()

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
+import threading
 
 from etils import epath
 
@@ -166,4 +168,27 @@ class Lock:
         os.remove(self.path)
       except OSError:
         pass
+    return False
+
+
+class Signals:
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) become a status the loop reads once a
+  step: the run then saves at the step it reached and ends, with no traceback."""
+  STATUS = {signal.SIGTERM: 'preempted', signal.SIGINT: 'interrupted'}
+
+  def __init__(self):
+    self.status, self.name, self._previous = None, '', {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig, status in self.STATUS.items():
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, _frame):
+    self.status, self.name = self.STATUS[signum], signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
     return False

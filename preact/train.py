@@ -8,10 +8,6 @@ function (:func:`make_train_step`) mapped over devices by :mod:`preact.parallel`
 
 from __future__ import annotations
 
-import json
-import queue
-import signal
-import threading
 import time
 from typing import Any
 
@@ -48,32 +44,7 @@ EXIT_CODES = {'completed': 0, 'diverged': 3, 'failed': 1, 'interrupted': 130,
 
 
 # --------------------------------------------------------------------------------------
-# Model and recipe from a config.
-
-
-# From this depth on XLA:CPU runs the step faster with remat than without (measured,
-# preact-bench --mode=sweep): storing a scanned net's activations costs more than
-# recomputing them.
-REMAT_AUTO_DEPTH = 56
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
-  m = config.model
-  cpu = jax.default_backend() == 'cpu'
-  switch = lambda setting, auto: {'on': True, 'off': False}.get(setting, auto)
-  cpu_conv = switch(m.cpu_conv, cpu)
-  remat = switch(m.remat, cpu and m.depth >= REMAT_AUTO_DEPTH)
-  kwargs = dict(unit_args=config_lib.unit_args(m) or None, zero_init_last=m.zero_init_last,
-                dtype=jnp.dtype(m.dtype), scan=m.scan, remat=remat,
-                bn_axis_name=parallel.AXIS if config.bn_cross_replica else None,
-                cpu_conv=cpu_conv, shortcut=m.shortcut)
-  try:
-    if m.arch == 'imagenet':
-      return models.imagenet_resnet(m.depth, m.unit, num_classes=num_classes, **kwargs)
-    return models.cifar_resnet(m.depth, m.unit, bottleneck=m.bottleneck,
-                               one_layer=m.one_layer, num_classes=num_classes, **kwargs)
-  except ValueError as e:
-    raise UserError(f'model: {e}') from None
+# The recipe from a config.
 
 
 def make_schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -189,7 +160,7 @@ class Run:
     self.config = config_lib.validate(config)
     self.workdir = epath.Path(workdir)
     self.spec = data.spec(config.dataset)
-    self.model = build_model(config, self.spec.num_classes)  # bad settings fail before I/O
+    self.model = models.from_config(config, self.spec.num_classes)  # bad settings fail before I/O
     self.replicas = parallel.Replicas(config.parallelism, devices)
     self.replicas.check_batch('batch_size', config.batch_size)
     self.replicas.check_batch('eval_batch_size', config.eval_batch_size)
@@ -244,61 +215,6 @@ class Run:
             'error_top5': float(totals['errors_top5']) / n, 'examples': int(n)}
 
 
-class _Prefetch:
-  """Prepares batches on a host thread, ``depth`` steps ahead of the device."""
-
-  def __init__(self, run: Run, start: int, stop: int, depth: int):
-    self._q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-    self._stop = threading.Event()
-    source = run.train_data.batches(start)
-
-    def work():
-      try:
-        for _ in range(start, stop):
-          if self._stop.is_set():
-            return
-          self._q.put(run.replicas.put_batch(next(source)))
-      except BaseException as e:  # noqa: BLE001 — re-raised in the consumer
-        self._q.put(e)
-
-    self._thread = threading.Thread(target=work, daemon=True)
-    self._thread.start()
-
-  def __next__(self):
-    item = self._q.get()
-    if isinstance(item, BaseException):
-      raise item
-    return item
-
-  def close(self):
-    self._stop.set()
-    while not self._q.empty():
-      self._q.get_nowait()
-
-
-class Signals:
-  """SIGTERM (preemption) and SIGINT (Ctrl-C) become a status the loop reads once a
-  step: the run then saves at the step it reached and ends, with no traceback."""
-  STATUS = {signal.SIGTERM: 'preempted', signal.SIGINT: 'interrupted'}
-
-  def __init__(self):
-    self.status, self.name, self._previous = None, '', {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig, status in self.STATUS.items():
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, _frame):
-    self.status, self.name = self.STATUS[signum], signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, previous in self._previous.items():
-      signal.signal(sig, previous)
-    return False
-
-
 def _restore(run: Run, ckpts: checkpoint.Checkpoints, workdir) -> TrainState:
   state = run.init_state()
   if ckpts.latest() is not None:
@@ -338,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UserError(f'cannot create workdir {workdir}: {e}') from None
-  with runrecord.Lock(workdir, enabled=lead), Signals() as signals:
+  with runrecord.Lock(workdir, enabled=lead), runrecord.Signals() as signals:
     if lead:
       runrecord.write_atomic(workdir / 'config.json', config_lib.to_json(config))
     ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints)
@@ -364,14 +280,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
   return outcome
 
 
-def _train(run: Run, state: TrainState, start: int, ckpts, signals: Signals,
+def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Signals,
            lead: bool) -> dict:
   """The loop: steps, log rows, evaluations and checkpoints until the end, a signal, the
   first non-finite step or a failed write."""
   config, total = run.config, run.config.total_steps
   writer = logs.Writer(run.workdir, enabled=lead)
   outcome = {'status': 'completed', 'step': start, 'reason': '', 'test_error': None}
-  batches = _Prefetch(run, start, total, config.prefetch) if start < total else None
+  batches = None
+  if start < total:
+    batches = data.Prefetch(run.train_data.batches(start), run.replicas.put_batch,
+                            total - start, config.prefetch)
   progress = logs.Progress(config.progress, start, total, config.log_every)
   pending, since, step = [], (start, time.time()), start
   try:

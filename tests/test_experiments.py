@@ -77,7 +77,7 @@ def test_rows_carry_the_papers_settings():
   assert c.paper.error_top5 == 5.5
   assert c.optimizer.boundaries == (30 * 5005, 60 * 5005) and c.total_steps == 90 * 5005
   # The real networks of the rows build at their real depths.
-  m = train.build_model(load('table4').get_config('c10_1001'), 10)
+  m = models.from_config(load('table4').get_config('c10_1001'), 10)
   assert models.count_params(models.init_shapes(m, (32, 32, 3))['params']) == 10_327_706
 
 
@@ -99,7 +99,7 @@ def test_every_cifar_row_warms_up_and_imagenet_rows_do_not(table, arg):
 def test_basic_nets_use_option_a_and_bottlenecks_project():
   for table, arg in all_rows():
     c = load(table).get_config(arg)
-    m = train.build_model(c, 10)
+    m = models.from_config(c, 10)
     want = 'projection' if c.model.bottleneck or c.model.arch == 'imagenet' else 'zero_pad'
     assert m.shortcut == want, (table, arg)
 
@@ -187,7 +187,7 @@ def test_every_row_has_a_mini_network(table):
   for name in m.ROWS:
     c = m.get_config(f'{name},mini')
     config_lib.validate(c)
-    model = train.build_model(c, 10)
+    model = models.from_config(c, 10)
     assert (c.dataset, model.unit) == ('fashion_mnist', c.model.unit)
     assert sum(model.stage_sizes) * (1 if c.model.one_layer else
                                      3 if c.model.bottleneck else 2) + 2 == 20

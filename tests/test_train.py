@@ -11,7 +11,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from preact import checkpoint, config as config_lib, train
+from preact import checkpoint, config as config_lib, models, train
 from preact.errors import UserError
 
 
@@ -198,12 +198,12 @@ def test_bad_configs_are_user_errors(tmp_path, overrides, match):
 
 
 @pytest.mark.parametrize('remat,depth,want', [
-    ('auto', 20, False), ('auto', train.REMAT_AUTO_DEPTH, True), ('on', 20, True),
+    ('auto', 20, False), ('auto', models.REMAT_AUTO_DEPTH, True), ('on', 20, True),
     ('off', 164, False)])
 def test_remat_auto_is_on_for_deep_nets_on_cpu(remat, depth, want):
   c = tiny_config(**{'model.remat': remat, 'model.depth': depth})
   assert jax.default_backend() == 'cpu'
-  assert train.build_model(c, 10).remat is want
+  assert models.from_config(c, 10).remat is want
 
 
 def test_configs_saved_with_a_boolean_remat_still_load_and_resume():
