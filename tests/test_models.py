@@ -313,8 +313,8 @@ def test_cifar_parameter_counts(depth, unit, bottleneck, shortcut):
   model = models.cifar_resnet(depth, unit, bottleneck=bottleneck, shortcut=shortcut)
   got = models.count_params(models.init_shapes(model, (32, 32, 3))['params'])
   assert got == hand
-  if shortcut == 'auto':  # the paper rounds; ResNet-1001 comes to 10.33M against 10.2M
-    assert abs(got / 1e6 - PAPER_MILLIONS[depth]) / PAPER_MILLIONS[depth] < 0.015
+  if shortcut == 'auto':  # the paper rounds (1.73M is "1.7M"); ResNet-1001 is 10.33M, "10.2M"
+    assert abs(got / 1e6 - PAPER_MILLIONS[depth]) / PAPER_MILLIONS[depth] < 0.02
   size, _ = models.size_and_flops(model, (32, 32, 3))
   assert size == got
 
