@@ -59,6 +59,21 @@ def test_train_writes_its_workdir_and_eval_restores_it(reference):
   assert result['step'] == 6 and result['examples'] == 1000
 
 
+def test_eval_prints_its_result_first_when_eval_jsonl_cannot_be_appended(reference, tmp_path):
+  import shutil
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns('eval.jsonl'))
+  (workdir / 'eval.jsonl').mkdir()  # unwritable as a file, even for root
+  proc = run_cli('eval', f'--workdir={workdir}')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])['step'] == 12
+  # Data loading imports TensorFlow: its start-up notices must not reach the user either.
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and re.match(
+      r'preact-eval: warning: the result was not appended to eval.jsonl \(.*Is a directory',
+      lines[0]), proc.stderr[-2000:]
+
+
 def test_training_a_finished_run_again_changes_nothing(reference, fmnist_dir):
   before = {p.name: p.read_bytes() for p in reference.iterdir() if p.is_file()}
   proc = run_cli('train', *tiny(reference, fmnist_dir), check=True)
