@@ -16,7 +16,7 @@ def get_config():
   c.dataset = 'fashion_mnist'
   c.model.unit = 'full_preact'
   c.model.depth = 20
-  c.model.bottleneck = False
+  c.model.block = 'basic'
   c.batch_size = 128
   c.total_steps = 1170          # 2.5 epochs of 60k
   c.optimizer.schedule = 'cosine'

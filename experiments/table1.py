@@ -23,4 +23,4 @@ ROWS = {  # row: unit, published test error % (None = "fail"), shortcut paramete
 
 
 def get_config(arg='original'):
-  return table_config('table1', ROWS, arg, base_depth=110, depths={110: False})
+  return table_config('table1', ROWS, arg, base_depth=110)

@@ -15,4 +15,4 @@ ROWS = {  # row: unit, published test error % at depth 110 / 164
 
 
 def get_config(arg='full_preact,depth=164'):
-  return table_config('table2', ROWS, arg, base_depth=164, depths={110: False, 164: True})
+  return table_config('table2', ROWS, arg, base_depth=164)

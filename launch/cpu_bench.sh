@@ -16,7 +16,7 @@ run() {  # name, flags...
 lscpu | grep -E 'Model name|^CPU\(s\)|Flags' | sed 's/Flags:.*avx512_bf16.*/Flags: ... avx512_bf16 .../' > "$OUT/cpu.txt"
 # ResNet-164, batch 128: as shipped (scan, remat auto = on for CPU at this depth, XLA:CPU
 # conv formulation), storing activations instead (--remat=off), unrolled; then bfloat16.
-# (Plain XLA convs, --cpu_conv=off, are compared per conv by --mode=ops: a whole scanned
+# (Plain XLA convs, --cpu_kernels=off, are compared per conv by --mode=ops: a whole scanned
 # step with them takes minutes.)
 run step_164_f32 --depth=164 --batch=128 --dtype=float32 --torch --steps=5
 run step_164_f32_noremat --depth=164 --batch=128 --remat=off --torch --steps=5

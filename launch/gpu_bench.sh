@@ -17,7 +17,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/device.csv" 2>&1
 for depth in 164 1001; do
   for dtype in float32 bfloat16; do
-    timeout 100 python3 -m preact.cli.bench --depth="$depth" --bottleneck --batch=128 \
+    timeout 100 python3 -m preact.cli.bench --depth="$depth" --block=bottleneck --batch=128 \
       --dtype="$dtype" --torch --steps=20 --json > "$OUT/step_${depth}_${dtype}.json" \
       2> "$OUT/step_${depth}_${dtype}.log" || echo "depth $depth $dtype failed (see log)"
   done

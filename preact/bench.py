@@ -23,13 +23,11 @@ import numpy as np
 from preact import config as config_lib, models, parallel, train
 
 
-def build_model(depth=164, bottleneck=True, unit='full_preact', dtype='float32', scan=True,
-                remat='auto', cpu_conv='auto', num_classes=10, one_layer=False):
-  c = config_lib.base()
-  c.model.depth, c.model.bottleneck, c.model.unit, c.model.one_layer = (depth, bottleneck,
-                                                                        unit, one_layer)
-  c.model.dtype, c.model.scan, c.model.remat, c.model.cpu_conv = dtype, scan, remat, cpu_conv
-  return models.from_config(c, num_classes)
+def cifar_model(depth=164, block='bottleneck', unit='full_preact', dtype='float32',
+                scan=True, remat='auto', cpu_kernels='auto', num_classes=10) -> models.ResNet:
+  """The CIFAR net a benchmark times, with the config's 'auto' rules for this backend."""
+  return models.cifar_resnet(depth, unit, block, num_classes, dtype=jnp.dtype(dtype),
+                             scan=scan, **models.hardware(depth, remat, cpu_kernels))
 
 
 def _train_step(model, channels: int):
@@ -137,12 +135,12 @@ def bench_eval(model, batch=500, image_shape=(32, 32, 3), steps=5) -> float:
   return batch / _median_time(lambda: f(variables, x), steps)
 
 
-def compile_times(depths=(164, 1001), bottleneck=True, batch=128, dtype='float32',
+def compile_times(depths=(164, 1001), block='bottleneck', batch=128, dtype='float32',
                   scan=True, remat='auto') -> dict:
   """The train step's compile time at each depth (ahead-of-time lower + compile)."""
   out = {}
   for depth in depths:
-    model = build_model(depth, bottleneck, dtype=dtype, scan=scan, remat=remat)
+    model = cifar_model(depth, block, dtype=dtype, scan=scan, remat=remat)
     tx, step = _train_step(model, 3)
     replicas = parallel.Replicas('shard_map', jax.devices()[:1])
     state = jax.eval_shape(lambda m=model: train.init_state(m, tx, 0, (32, 32, 3)))
@@ -169,7 +167,7 @@ def pipeline_images_per_s(images: np.ndarray, labels: np.ndarray, batch=128, pad
   return batch * steps / (time.perf_counter() - t)
 
 
-def torch_reference(depth=164, bottleneck=True, unit='full_preact', batch=128,
+def torch_reference(depth=164, block='bottleneck', unit='full_preact', batch=128,
                     image_shape=(32, 32, 3), steps=10, warmup=2, expect_params=None,
                     dtype='float32', timeout=1800, profile=False) -> dict | None:
   """The PyTorch reference, run as a child process (None when torch is absent)."""
@@ -180,10 +178,8 @@ def torch_reference(depth=164, bottleneck=True, unit='full_preact', batch=128,
   except ImportError:
     return None
   cmd = [sys.executable, '-m', 'preact.bench_torch', f'--depth={depth}', f'--unit={unit}',
-         f'--batch={batch}', f'--image_shape={",".join(map(str, image_shape))}',
+         f'--block={block}', f'--batch={batch}', f'--image_shape={",".join(map(str, image_shape))}',
          f'--steps={steps}', f'--warmup={warmup}', f'--dtype={dtype}']
-  if bottleneck:
-    cmd.append('--bottleneck')
   if expect_params is not None:
     cmd.append(f'--expect_params={expect_params}')
   if profile:
@@ -195,14 +191,15 @@ def torch_reference(depth=164, bottleneck=True, unit='full_preact', batch=128,
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def conv_profile(depth=164, bottleneck=True, batch=128, reps=5, torch_too=True) -> list[dict]:
+def conv_profile(depth=164, block='bottleneck', batch=128, reps=5,
+                 torch_too=True) -> list[dict]:
   """Where the train step's time goes, per convolution shape: forward and forward +
   both gradients for every distinct conv of the CIFAR net, XLA as autodiff emits it,
   with preact's XLA:CPU formulation, and PyTorch; times the number of such convs."""
-  from preact import layers
-  from preact.units import BRANCHES
-  n = (depth - 2) // (9 if bottleneck else 6)
-  widths = (64, 128, 256) if bottleneck else (16, 32, 64)
+  from preact import cpu_kernels, layers
+  from preact.units import BLOCKS
+  n, widths = models.cifar_stages(depth, block)
+  projects = block == 'bottleneck'  # basic nets change shape by zero padding (option A)
   shapes = {}  # (h, cin, cout, k, stride) -> count
 
   def add(key, count=1):
@@ -214,10 +211,10 @@ def conv_profile(depth=164, bottleneck=True, batch=128, reps=5, torch_too=True) 
     for j in range(n):
       s = stride if j == 0 else 1
       c, h = (cin, size) if j == 0 else (width, size // stride)
-      for i, (k, div) in enumerate(BRANCHES['bottleneck' if bottleneck else 'basic']):
+      for i, (k, div) in enumerate(BLOCKS[block]):
         add((h, c, width // div, k, s if i == 0 else 1))
         h, c = (h // s if i == 0 else h), width // div
-      if j == 0 and (s != 1 or cin != width):
+      if j == 0 and projects and (s != 1 or cin != width):
         add((size, cin, width, 1, s))
     size //= stride
     cin = width
@@ -226,11 +223,11 @@ def conv_profile(depth=164, bottleneck=True, batch=128, reps=5, torch_too=True) 
     x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, h, h, cin)), jnp.float32)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(k, k, cin, cout)), jnp.float32)
     pad = ((k // 2, k // 2),) * 2
-    plain = lambda x, w: layers._conv(x, w, (s, s), pad)
+    plain = lambda x, w: layers.xla_conv(x, w, (s, s), pad)
     if k == 1:
-      ours = lambda x, w: layers.pointwise(x[:, ::s, ::s], w[0, 0])
+      ours = lambda x, w: cpu_kernels.pointwise(x[:, ::s, ::s], w[0, 0])
     else:
-      ours = lambda x, w: layers.conv_canonical_grads(x, w, (s, s), pad)
+      ours = lambda x, w: cpu_kernels.conv_canonical_grads(x, w, (s, s), pad)
     row = dict(h=h, cin=cin, cout=cout, k=k, stride=s, count=count)
     for name, f in (('xla', plain), ('preact', ours)):
       fwd = jax.jit(f)

@@ -2,7 +2,7 @@
 placement table (so the same parameter count, which is asserted), the same batch and
 input shape, SGD with Nesterov momentum and weight decay. Prints one JSON line.
 
-  python -m preact.bench_torch --depth=164 --bottleneck --batch=128
+  python -m preact.bench_torch --depth=164 --block=bottleneck --batch=128
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import time
 import torch
 from torch import nn
 
-from preact.units import BRANCHES, PLACEMENTS
+from preact.models import cifar_stages
+from preact.units import BLOCKS, PLACEMENTS
 
 
 def _ops(names, channels):
@@ -26,12 +27,12 @@ def _ops(names, channels):
 class Unit(nn.Module):
   """preact.units.ResidualUnit for one placement, identity or first-of-stage."""
 
-  def __init__(self, placement, cin, cout, stride, branch, first, activated, shortcut):
+  def __init__(self, placement, cin, cout, stride, block, first, activated, shortcut):
     super().__init__()
     p = PLACEMENTS[placement]
     self.before = nn.Sequential(*([] if activated else _ops(p.before, cin)))
     layers, c = [], cin
-    for i, (k, div) in enumerate(BRANCHES[branch]):
+    for i, (k, div) in enumerate(BLOCKS[block]):
       if i:
         layers += _ops(('bn', 'relu'), c)
       layers.append(nn.Conv2d(c, cout // div, k, stride if i == 0 else 1, k // 2, bias=False))
@@ -54,17 +55,15 @@ class Unit(nn.Module):
     return self.after(h + self.branch(y))
 
 
-def cifar_resnet(depth, unit='full_preact', bottleneck=False, channels=3, classes=10):
-  branch = 'bottleneck' if bottleneck else 'basic'
-  n = (depth - 2) // (9 if bottleneck else 6)
-  widths = (64, 128, 256) if bottleneck else (16, 32, 64)
-  shortcut = 'projection' if bottleneck else 'zero_pad'  # as preact.models.cifar_resnet
+def cifar_resnet(depth, unit='full_preact', block='basic', channels=3, classes=10):
+  n, widths = cifar_stages(depth, block)
+  shortcut = 'projection' if block == 'bottleneck' else 'zero_pad'  # as cifar_resnet's auto
   p = PLACEMENTS[unit]
   layers = [nn.Conv2d(channels, 16, 3, 1, 1, bias=False), *_ops(('bn', 'relu'), 16)]
   cin = 16
   for s, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
     for j in range(n):
-      layers.append(Unit(unit, cin, width, stride if j == 0 else 1, branch, first=j == 0,
+      layers.append(Unit(unit, cin, width, stride if j == 0 else 1, block, first=j == 0,
                          activated=s == j == 0, shortcut=shortcut))
       cin = width
   if p.raw_output:
@@ -146,7 +145,7 @@ def main():
   a = argparse.ArgumentParser()
   a.add_argument('--depth', type=int, default=164)
   a.add_argument('--unit', default='full_preact', choices=list(PLACEMENTS))
-  a.add_argument('--bottleneck', action='store_true')
+  a.add_argument('--block', default='bottleneck', choices=list(BLOCKS))
   a.add_argument('--batch', type=int, default=128)
   a.add_argument('--image_shape', default='32,32,3')
   a.add_argument('--steps', type=int, default=10)
@@ -159,7 +158,7 @@ def main():
   torch.set_num_threads(os.cpu_count())
   h, w, c = map(int, args.image_shape.split(','))
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  model = cifar_resnet(args.depth, args.unit, args.bottleneck, c).to(device)
+  model = cifar_resnet(args.depth, args.unit, args.block, c).to(device)
   params = sum(p.numel() for p in model.parameters())
   if args.expect_params is not None:
     assert params == args.expect_params, f'PyTorch net has {params} params, ours {args.expect_params}'

@@ -41,23 +41,25 @@ def base() -> ml_collections.ConfigDict:
   c.model.arch = 'cifar'       # cifar | imagenet
   c.model.unit = 'full_preact'
   c.model.depth = 164
-  c.model.bottleneck = True
-  c.model.one_layer = False    # Table 3's "1-layer skip" units
+  # auto (the paper's block for the depth, preact.paper.block) | basic | bottleneck |
+  # one_layer (Table 3's "1-layer skip"); validation writes the resolved block back.
+  c.model.block = 'auto'
   # A stage's first unit changes shape through: auto (the paper's: projection for
   # bottleneck and ImageNet nets, zero_pad for basic and 1-layer CIFAR nets) | projection
   # (1×1 conv) | zero_pad (option A of He et al., CVPR 2016: no parameters)
   c.model.shortcut = 'auto'
   # Shortcut parameters (paper Fig. 2); unset ones take the unit's defaults.
+  # The keys are every registered shortcut's parameters (units.UNITS).
   c.model.unit_args = ml_collections.ConfigDict(
-      {k: ml_collections.config_dict.placeholder(float)
-       for k in ('scale', 'branch_scale', 'bias', 'rate')})
+      {k: ml_collections.config_dict.placeholder(type(default))
+       for k, default in units.unit_params().items()})
   c.model.zero_init_last = False
   c.model.dtype = 'float32'    # computation dtype; parameters and BN statistics stay fp32
   c.model.scan = True
   # Recompute each unit's activations in the backward pass instead of storing them:
   # auto = on for CPU from depth 56, where it is also faster (README, Performance).
   c.model.remat = 'auto'       # auto | on | off
-  c.model.cpu_conv = 'auto'    # XLA:CPU conv and BN formulations: auto (on for CPU) | on | off
+  c.model.cpu_kernels = 'auto'  # XLA:CPU conv and BN formulations: auto (on for CPU) | on | off
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 0.1
@@ -101,13 +103,12 @@ def base() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    'dataset': tuple(data.DATASETS),
     'progress': ('auto', 'bar', 'log'),
     'model.arch': ('cifar', 'imagenet'),
     'augment.imagenet': ('scale', 'scale_aspect'),
-    'model.unit': tuple(units.UNITS),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
-    'model.cpu_conv': ('auto', 'on', 'off'),
+    'model.cpu_kernels': ('auto', 'on', 'off'),
+    'model.block': ('auto', 'basic', 'bottleneck', 'one_layer'),
     'model.shortcut': ('auto', 'projection', 'zero_pad'),
     'model.remat': ('auto', 'on', 'off'),
     'optimizer.decay': ('all', 'weights'),
@@ -152,7 +153,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if key not in got:
       raise UserError(f'config lacks key {key!r}: start experiment configs from '
                       'preact.config.base()')
-  for key, choices in _CHOICES.items():
+  # The registries are read now, not at import, so that a unit or data set registered
+  # later (by an experiment file, say) is a valid choice.
+  registries = {'dataset': tuple(data.DATASETS), 'model.unit': tuple(units.UNITS)}
+  for key, choices in {**registries, **_CHOICES}.items():
     if got[key] not in choices:
       raise UserError(f'{key}={got[key]!r} is not one of: {", ".join(choices)}')
   for key in ('batch_size', 'eval_batch_size', 'total_steps', 'checkpoint_every',
@@ -179,6 +183,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     units.get_unit(config.model.unit, unit_args(config.model))
   except ValueError as e:
     raise UserError(str(e)) from None
+  if config.model.block == 'auto':
+    from preact import paper
+    config.model.block = paper.block(config.model.depth, config.model.arch)
   return config
 
 
@@ -205,11 +212,18 @@ def unit_args(model: ml_collections.ConfigDict) -> dict:
   return {k: v for k, v in model.unit_args.items() if v is not None}
 
 
-def _legacy(key: str, value):
-  """A value as this schema spells it, for configs saved by older versions."""
-  if key == 'model.remat' and isinstance(value, bool):
-    return 'on' if value else 'off'  # remat was a bool before 'auto'
-  return value
+def _migrate(flat: dict) -> dict:
+  """A flattened config as this schema spells it, for records saved by older versions."""
+  flat = dict(flat)
+  if isinstance(flat.get('model.remat'), bool):  # remat was a bool before 'auto'
+    flat['model.remat'] = 'on' if flat['model.remat'] else 'off'
+  if 'model.cpu_conv' in flat:
+    flat['model.cpu_kernels'] = flat.pop('model.cpu_conv')
+  if 'model.bottleneck' in flat or 'model.one_layer' in flat:  # two booleans before block
+    bottleneck, one_layer = flat.pop('model.bottleneck', False), flat.pop('model.one_layer',
+                                                                          False)
+    flat['model.block'] = 'one_layer' if one_layer else 'bottleneck' if bottleneck else 'basic'
+  return flat
 
 
 def from_dict(d: dict, source: str | None = None) -> ml_collections.ConfigDict:
@@ -217,9 +231,12 @@ def from_dict(d: dict, source: str | None = None) -> ml_collections.ConfigDict:
   schema's tuples again. With ``source`` (the file it came from) the config must be
   complete and valid: a partial record is refused, never filled in with defaults."""
   c = base()
-  saved = flatten(ml_collections.ConfigDict(d))
+  saved = _migrate(flatten(ml_collections.ConfigDict(d)))
   if source is not None:
-    missing = sorted(set(flatten(c)) - set(saved))
+    # An unset unit argument means the unit's default, so a record written before a
+    # shortcut parameter was registered still says everything about its run.
+    missing = sorted(k for k in set(flatten(c)) - set(saved)
+                     if not k.startswith('model.unit_args.'))
     if missing:
       raise UserError(f'{source} is not a complete run config (it lacks '
                       f'{", ".join(missing[:3])}{", …" if len(missing) > 3 else ""}); put back '
@@ -232,7 +249,7 @@ def from_dict(d: dict, source: str | None = None) -> ml_collections.ConfigDict:
         node = node[p]
       if isinstance(node[leaf], tuple) and isinstance(value, list):
         value = tuple(value)
-      node[leaf] = _legacy(key, value)
+      node[leaf] = value
     except (KeyError, TypeError) as e:
       raise UserError(f'saved config has a bad key or value {key}={value!r} ({e})') from None
   if source is not None:
@@ -249,12 +266,11 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def differences(a: dict, b: dict) -> list[str]:
   """'key: old → new' for every key whose value differs (JSON-normalized)."""
-  fa = flatten(ml_collections.ConfigDict(a))
-  fb = flatten(ml_collections.ConfigDict(b))
+  fa = _migrate(flatten(ml_collections.ConfigDict(a)))
+  fb = _migrate(flatten(ml_collections.ConfigDict(b)))
   allowed = set(RUNTIME_KEYS)
   if fa.get('optimizer.schedule') == fb.get('optimizer.schedule') == 'step':
     allowed.add('total_steps')  # extending a step schedule leaves the steps so far alone
-  fa, fb = ({k: _legacy(k, v) for k, v in f.items()} for f in (fa, fb))
   norm = lambda v: json.loads(json.dumps(v, default=list))
   return [f'{k}: {norm(fa.get(k))!r} → {norm(fb.get(k))!r}'
           for k in sorted(set(fa) | set(fb))

@@ -19,13 +19,53 @@ import itertools
 import os
 import queue
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from preact.errors import UserError
+from preact.errors import UserError, one_line
 
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+
+
+class InMemoryPipeline:
+  """Data sets that fit in host memory: every split as numpy arrays on every host, the
+  train batches drawn by :class:`InMemory`, evaluation by :func:`eval_batches`."""
+
+  @staticmethod
+  def train(config, process_index: int, process_count: int):
+    return InMemory(config.dataset, config.batch_size, config.seed,
+                    config.augment.crop_padding, config.augment.flip, config.data_dir,
+                    process_index, process_count)
+
+  @staticmethod
+  def evaluation(config, split: str, process_index: int = 0, process_count: int = 1):
+    images, labels = load_arrays(config.dataset, split, config.data_dir)
+    return eval_batches(images, labels, config.eval_batch_size, process_index,
+                        process_count)
+
+  @staticmethod
+  def image_shape(config) -> tuple[int, ...]:
+    return load_arrays(config.dataset, 'train', config.data_dir)[0].shape[1:]
+
+
+class StreamingPipeline:
+  """Data sets too large for host memory (ImageNet): tf.data over per-process shards,
+  with the paper's augmentation (:mod:`preact.imagenet`)."""
+
+  @staticmethod
+  def train(config, process_index: int, process_count: int):
+    from preact import imagenet
+    return imagenet.Streaming(config, process_index, process_count)
+
+  @staticmethod
+  def evaluation(config, split: str, process_index: int = 0, process_count: int = 1):
+    from preact import imagenet
+    return imagenet.eval_batches(config, split, process_index, process_count)
+
+  @staticmethod
+  def image_shape(config) -> tuple[int, ...]:
+    return (config.augment.image_size,) * 2 + (3,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +74,27 @@ class Spec:
   train_examples: int
   mean: tuple[float, ...] | None  # per channel, 0–255 scale; None: computed from train
   std: tuple[float, ...] | None
-  streaming: bool = False         # too large for host memory: tf.data per-process shards
+  pipeline: type = InMemoryPipeline  # how batches are made: train, evaluation, image_shape
   eval_split: str = 'test'
   # Where TFDS downloads it from (host, port), checked before a download so that an
   # offline machine fails in seconds; None: prepared from local files (manual_dir).
   source: tuple[str, int] | None = None
+  # prepare(data_dir, manual_dir) → whether it prepared the data set from local files
+  # (no download); tried before TFDS's own download.
+  prepare: Callable[[str | None, str], bool] | None = None
+  hint: str = ''  # what to do when it cannot be prepared
+
+
+def _fashion_mnist_from_files(data_dir: str | None, manual_dir: str) -> bool:
+  """Prepares fashion_mnist from local copies of the upstream files (manual_dir, or
+  Debian's dataset-fashion-mnist package) when there are any."""
+  import tensorflow_datasets as tfds
+  source = manual_dir or DEBIAN_FASHION_MNIST
+  if not os.path.exists(os.path.join(source, 'train-images-idx3-ubyte.gz')):
+    return False
+  local = _fashion_mnist_from_files_cls()(data_dir=data_dir)
+  local.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=source))
+  return True
 
 
 DATASETS = {
@@ -48,10 +104,26 @@ DATASETS = {
     'cifar100': Spec(100, 50_000, (129.3, 124.1, 112.4), (68.2, 65.4, 70.4),
                      source=('www.cs.toronto.edu', 443)),
     'fashion_mnist': Spec(10, 60_000, None, None,
-                          source=('fashion-mnist.s3-website.eu-central-1.amazonaws.com', 80)),
+                          source=('fashion-mnist.s3-website.eu-central-1.amazonaws.com', 80),
+                          prepare=_fashion_mnist_from_files,
+                          hint='apt-get install dataset-fashion-mnist gives the offline copy'),
     'imagenet2012': Spec(1000, 1_281_167, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375),
-                         streaming=True, eval_split='validation'),
+                         pipeline=StreamingPipeline, eval_split='validation',
+                         hint='imagenet2012 needs its archives in --config.manual_dir'),
 }
+
+
+def first_examples(config, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first ``n`` examples of a split, as evaluation sees them (unaugmented)."""
+  images, labels, have = [], [], 0
+  for b in spec(config.dataset).pipeline.evaluation(config, split):
+    keep = b['mask'] > 0
+    images.append(b['image'][keep])
+    labels.append(b['label'][keep])
+    have += int(keep.sum())
+    if have >= n:
+      break
+  return np.concatenate(images)[:n], np.concatenate(labels)[:n]
 
 
 def spec(name: str) -> Spec:
@@ -105,12 +177,8 @@ def builder(name: str, data_dir: str = '', manual_dir: str = ''):
     b = tfds.builder(name, data_dir=data_dir)
     if b.is_prepared():
       return b
-    source = manual_dir or DEBIAN_FASHION_MNIST
-    if name == 'fashion_mnist' and os.path.exists(os.path.join(source,
-                                                               'train-images-idx3-ubyte.gz')):
-      local = _fashion_mnist_from_files_cls()(data_dir=data_dir)
-      local.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=source))
+    hook = DATASETS[name].prepare if name in DATASETS else None
+    if hook is not None and hook(data_dir, manual_dir):
       return tfds.builder(name, data_dir=data_dir)
     # tfds.testing.mock_data swaps download_and_prepare for a no-op that downloads nothing.
     if type(b).download_and_prepare.__name__ == 'download_and_prepare':
@@ -122,15 +190,12 @@ def builder(name: str, data_dir: str = '', manual_dir: str = ''):
     raise
   except (PermissionError, OSError) as e:
     raise UserError(f'cannot use TFDS data_dir {data_dir or "(default)"} for {name}: '
-                    f'{e.__class__.__name__}: {_first_line(e)}; pass a readable, writable '
+                    f'{e.__class__.__name__}: {one_line(e)[:300]}; pass a readable, writable '
                     '--config.data_dir') from None
   except Exception as e:  # noqa: BLE001 — download and prepare errors come in many types
-    hint = (' (apt-get install dataset-fashion-mnist gives the offline copy)'
-            if name == 'fashion_mnist' else
-            ' (imagenet2012 needs its archives in --config.manual_dir)'
-            if name == 'imagenet2012' else '')
+    hint = f' ({DATASETS[name].hint})' if name in DATASETS and DATASETS[name].hint else ''
     raise UserError(f'{name} is not prepared in {data_dir or "TFDS default data_dir"} and '
-                    f'could not be prepared: {_first_line(e)}{hint}; run `tfds build {name}` '
+                    f'could not be prepared: {one_line(e)[:300]}{hint}; run `tfds build {name}` '
                     'where the network is reachable, or point --config.data_dir at a '
                     'prepared copy') from None
 
@@ -151,11 +216,6 @@ def _check_reachable(name: str, data_dir: str | None, timeout: float = 5.0) -> N
         '--config.data_dir=DIR') from None
 
 
-def _first_line(e: Exception) -> str:
-  text = str(e).strip().splitlines()
-  return text[0][:300] if text else e.__class__.__name__
-
-
 @functools.lru_cache(maxsize=8)
 def load_arrays(name: str, split: str, data_dir: str = '') -> tuple[np.ndarray, np.ndarray]:
   """A whole split as (uint8 images NHWC, int32 labels), in TFDS's stored order."""
@@ -165,7 +225,7 @@ def load_arrays(name: str, split: str, data_dir: str = '') -> tuple[np.ndarray, 
     chunks = list(tfds.as_numpy(b.as_dataset(split=split, shuffle_files=False).batch(10_000)))
   except Exception as e:  # noqa: BLE001
     raise UserError(f'cannot read split {split!r} of {name} in '
-                    f'{data_dir or "TFDS default data_dir"}: {_first_line(e)}') from None
+                    f'{data_dir or "TFDS default data_dir"}: {one_line(e)[:300]}') from None
   if not chunks:
     raise UserError(f'{name}/{split} in {data_dir or "TFDS default data_dir"} is empty; '
                     're-prepare it in a fresh --config.data_dir')

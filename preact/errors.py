@@ -1,6 +1,6 @@
 """The one exception the command-line tools turn into a clean exit."""
 
-import sys
+import re
 
 
 class UserError(Exception):
@@ -8,14 +8,8 @@ class UserError(Exception):
   line that says what is wrong and how to fix it; the CLI prints it and exits 2."""
 
 
-def exit_on_user_error(tool: str):
-  """Decorator for absl mains: UserError → one line on stderr and exit status 2."""
-  def wrap(main):
-    def run(argv):
-      try:
-        return main(argv)
-      except UserError as e:
-        print(f'{tool}: error: {e}', file=sys.stderr, flush=True)
-        sys.exit(2)
-    return run
-  return wrap
+def one_line(e: BaseException) -> str:
+  """An exception's message on one line, without the quoting KeyError adds."""
+  text = str(e).replace("\\'", "'").replace('\\n', ' ').replace('\n', ' ').strip(' "')
+  text = re.sub(r"^'+([^']*)'+", r'\1', text).rstrip("'")
+  return ' '.join(text.split()) or e.__class__.__name__

@@ -11,7 +11,7 @@ import numpy as np
 import logging
 from etils import epath
 
-logging = logging.getLogger('preact')  # absl's handler prints it; orbax's chatter stays off
+log = logging.getLogger('preact')  # absl's handler prints it; orbax's chatter stays off
 
 
 class Writer:
@@ -79,7 +79,7 @@ class Progress:
       rate = (step - self._s0) / max(time.time() - self._t0, 1e-9)
       eta = (self.total - step) / rate if rate > 0 else float('inf')
       text = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
-      logging.info('step %d/%d %s (%.2f steps/s, ETA %s)', step, self.total, text, rate,
+      log.info('step %d/%d %s (%.2f steps/s, ETA %s)', step, self.total, text, rate,
                    _hms(eta))
 
   def close(self):

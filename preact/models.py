@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from preact import layers
+from preact import cpu_kernels, layers
 from preact.units import SHORTCUTS, ResidualUnit, get_unit
 
 # Collections stacked along the scan axis: one slice per unit.
@@ -28,7 +28,7 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (18, 18, 18)
   widths: Sequence[int] = (64, 128, 256)
   strides: Sequence[int] = (1, 2, 2)
-  branch: str = 'bottleneck'
+  block: str = 'bottleneck'  # units.BLOCKS
   # How the first unit of a stage changes shape: 'projection' (a 1×1 conv) or
   # 'zero_pad' (option A of He et al., CVPR 2016: subsample, zero-fill new channels).
   shortcut: str = 'projection'
@@ -43,15 +43,16 @@ class ResNet(nn.Module):
   bn_axis_name: str | None = None  # 'batch' for BN statistics across replicas
   bn_momentum: float = 0.9  # Torch's momentum 0.1 in Flax's convention
   bn_epsilon: float = 1e-5
-  cpu_conv: bool = False  # XLA:CPU-friendly conv and BN formulations (layers)
+  cpu_kernels: bool = False  # XLA:CPU-friendly conv and BN formulations (cpu_kernels)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-    layout = get_unit(self.unit, self.unit_args)[0].layout
+    unit, combine = get_unit(self.unit, self.unit_args)
     if self.shortcut not in SHORTCUTS:
       raise ValueError(f'unknown shortcut {self.shortcut!r}; valid: {", ".join(SHORTCUTS)}')
-    conv = functools.partial(layers.Conv, dtype=self.dtype, cpu=self.cpu_conv)
-    norm = functools.partial(layers.BatchNorm if self.cpu_conv else nn.BatchNorm,
+    conv = functools.partial(layers.Conv, dtype=self.dtype,
+                             op=cpu_kernels.conv if self.cpu_kernels else layers.xla_conv)
+    norm = functools.partial(cpu_kernels.BatchNorm if self.cpu_kernels else nn.BatchNorm,
                              momentum=self.bn_momentum,
                              epsilon=self.bn_epsilon, dtype=self.dtype,
                              axis_name=self.bn_axis_name)
@@ -71,8 +72,8 @@ class ResNet(nn.Module):
     if self.remat:
       unit_cls = nn.remat(ResidualUnit, static_argnums=(2,), prevent_cse=not self.scan)
     for s, (n, width, stride) in enumerate(zip(self.stage_sizes, self.widths, self.strides)):
-      make = functools.partial(unit_cls, unit=self.unit, features=width, branch=self.branch,
-                               unit_args=self.unit_args, zero_init_last=self.zero_init_last,
+      make = functools.partial(unit_cls, unit=unit, combine=combine, features=width,
+                               block=self.block, zero_init_last=self.zero_init_last,
                                conv=conv, norm=norm)
       x = make(strides=stride, first=True, activated_input=s == 0, shortcut=self.shortcut,
                name=f'stage{s + 1}_unit1')(x, train)
@@ -87,7 +88,7 @@ class ResNet(nn.Module):
 
     # After a bare addition the signal is unnormalized: pre-activation nets end with
     # BN-ReLU (resnet-pre-act.lua).
-    if layout.raw_output:
+    if unit.layout.raw_output:
       x = nn.relu(norm(name='head_bn')(x, use_running_average=not train))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=layers.torch_linear_init,
@@ -98,21 +99,31 @@ class ResNet(nn.Module):
 # --------------------------------------------------------------------------------------
 # Constructors.
 
-CIFAR_DEPTH = {'basic': (6, '6n+2', 'e.g. 20, 56, 110, 1202'),
-                'bottleneck': (9, '9n+2', 'e.g. 164, 1001'),
-                'one_layer': (3, '3n+2', 'e.g. 110')}
+# Per block: convs per unit (depth = that × units + 2, for conv1 and the classifier), the
+# form and examples of such depths, and the stage widths (the units' outputs).
+CIFAR_BLOCKS = {'basic': (2, '6n+2', 'e.g. 20, 56, 110, 1202', (16, 32, 64)),
+                'bottleneck': (3, '9n+2', 'e.g. 164, 1001', (64, 128, 256)),
+                'one_layer': (1, '3n+2', 'e.g. 110', (16, 32, 64))}
 
 
-def cifar_branch(bottleneck: bool = False, one_layer: bool = False) -> str:
-  if bottleneck and one_layer:
-    raise ValueError('bottleneck and one_layer exclude each other: the 1-layer skip unit '
-                     'has a single 3×3 conv')
-  return 'bottleneck' if bottleneck else 'one_layer' if one_layer else 'basic'
+def cifar_stages(depth: int, block: str) -> tuple[int, tuple[int, int, int]]:
+  """(units per stage, stage widths) of the authors' CIFAR net of ``depth`` layers built
+  of ``block`` units (resnet-pre-act.lua: 3 stages, 16-channel 3×3 stem)."""
+  if block not in CIFAR_BLOCKS:
+    raise ValueError(f'unknown block {block!r}; valid: {", ".join(CIFAR_BLOCKS)}')
+  convs, form, examples, widths = CIFAR_BLOCKS[block]
+  per_unit = 3 * convs
+  if not isinstance(depth, (int, np.integer)) or depth < 2 + per_unit or (depth - 2) % per_unit:
+    valid = [k for k, (c, *_) in CIFAR_BLOCKS.items()
+             if isinstance(depth, (int, np.integer)) and depth > 2 and (depth - 2) % (3 * c) == 0]
+    hint = f'; depth {depth} fits: {", ".join(valid)}' if valid else ''
+    raise ValueError(f'depth {depth} does not fit {block} units: need {form} ({examples})'
+                     + hint)
+  return (depth - 2) // per_unit, widths
 
 
-def cifar_resnet(depth: int, unit: str = 'full_preact', bottleneck: bool = False,
-                 one_layer: bool = False, num_classes: int = 10, shortcut: str = 'auto',
-                 **kwargs) -> ResNet:
+def cifar_resnet(depth: int, unit: str = 'full_preact', block: str = 'basic',
+                 num_classes: int = 10, shortcut: str = 'auto', **kwargs) -> ResNet:
   """The authors' CIFAR ResNet (resnet-pre-act.lua): 3 stages, 16-channel 3×3 stem.
 
   Basic units give depth 6n+2 (widths 16/32/64), bottleneck units 9n+2 (outputs
@@ -122,21 +133,13 @@ def cifar_resnet(depth: int, unit: str = 'full_preact', bottleneck: bool = False
   with a 1×1 conv (appendix, resnet-pre-act.lua); basic and 1-layer nets follow the
   CIFAR nets of He et al. (CVPR 2016), "identity shortcuts in all cases" (option A).
   """
-  branch = cifar_branch(bottleneck, one_layer)
-  per_unit, form, examples = CIFAR_DEPTH[branch]
-  if not isinstance(depth, (int, np.integer)) or depth < 2 + per_unit or (depth - 2) % per_unit:
-    valid = [k for k, (m, _, _) in CIFAR_DEPTH.items()
-             if isinstance(depth, (int, np.integer)) and depth > 2 and (depth - 2) % m == 0]
-    hint = f'; depth {depth} fits: {", ".join(valid)}' if valid else ''
-    raise ValueError(f'depth {depth} does not fit {branch} units: need {form} ({examples})'
-                     + hint)
-  n = (depth - 2) // per_unit
-  widths = (64, 128, 256) if branch == 'bottleneck' else (16, 32, 64)
+  n, widths = cifar_stages(depth, block)
   _check_unit_args(unit, kwargs)
   if shortcut == 'auto':
-    shortcut = 'projection' if branch == 'bottleneck' else 'zero_pad'
+    shortcut = 'projection' if block == 'bottleneck' else 'zero_pad'
   return ResNet(unit=unit, stage_sizes=(n, n, n), widths=widths, strides=(1, 2, 2),
-                branch=branch, shortcut=shortcut, stem='cifar', stem_width=16, num_classes=num_classes, **kwargs)
+                block=block, shortcut=shortcut, stem='cifar', stem_width=16,
+                num_classes=num_classes, **kwargs)
 
 
 def _check_unit_args(unit: str, kwargs: dict):
@@ -147,12 +150,14 @@ def _check_unit_args(unit: str, kwargs: dict):
     kwargs['unit_args'] = tuple(sorted(dict(kwargs['unit_args']).items()))
 
 
-IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
-                   152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+# Depth → (block, units per stage): He et al. (CVPR 2016), Table 1.
+IMAGENET_NETS = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)),
+                 50: ('bottleneck', (3, 4, 6, 3)), 101: ('bottleneck', (3, 4, 23, 3)),
+                 152: ('bottleneck', (3, 8, 36, 3)), 200: ('bottleneck', (3, 24, 36, 3))}
 
 
 def imagenet_resnet(depth: int, unit: str = 'full_preact', num_classes: int = 1000,
-                    shortcut: str = 'auto', **kwargs) -> ResNet:
+                    shortcut: str = 'auto', block: str = 'auto', **kwargs) -> ResNet:
   """ImageNet ResNet-18…200 (paper Table 5): basic units below 50 layers, bottleneck
   from 50 on, stages of 64/128/256/512 inner channels (outputs ×4 for bottlenecks).
 
@@ -169,15 +174,17 @@ def imagenet_resnet(depth: int, unit: str = 'full_preact', num_classes: int = 10
   * End: BN-ReLU where the last unit ends in a bare addition, global average pool,
     a 1000-way linear classifier.
   """
-  if depth not in IMAGENET_STAGES:
+  if depth not in IMAGENET_NETS:
     raise ValueError(f'no ImageNet ResNet of depth {depth}; valid depths: '
-                     f'{", ".join(map(str, IMAGENET_STAGES))}')
-  bottleneck = depth >= 50
-  widths = (256, 512, 1024, 2048) if bottleneck else (64, 128, 256, 512)
+                     f'{", ".join(map(str, IMAGENET_NETS))}')
+  own, stages = IMAGENET_NETS[depth]
+  if block not in ('auto', own):
+    raise ValueError(f'ImageNet ResNet-{depth} is built of {own} units, not {block}; '
+                     'leave the block on auto')
+  widths = (256, 512, 1024, 2048) if own == 'bottleneck' else (64, 128, 256, 512)
   _check_unit_args(unit, kwargs)
-  return ResNet(unit=unit, stage_sizes=IMAGENET_STAGES[depth], widths=widths,
-                strides=(1, 2, 2, 2), branch='bottleneck' if bottleneck else 'basic',
-                shortcut='projection' if shortcut == 'auto' else shortcut,
+  return ResNet(unit=unit, stage_sizes=stages, widths=widths, strides=(1, 2, 2, 2),
+                block=own, shortcut='projection' if shortcut == 'auto' else shortcut,
                 stem='imagenet', stem_width=64, num_classes=num_classes, **kwargs)
 
 
@@ -187,27 +194,29 @@ def imagenet_resnet(depth: int, unit: str = 'full_preact', num_classes: int = 10
 REMAT_AUTO_DEPTH = 56
 
 
-def from_config(config, num_classes: int) -> ResNet:
-  """The network of a run's config; 'auto' settings resolved for this backend."""
-  from preact import config as config_lib, parallel
-  from preact.errors import UserError
-  m = config.model
+def hardware(depth: int, remat: str = 'auto', cpu_kernels: str = 'auto') -> dict:
+  """The ResNet settings the config leaves to the backend: 'auto' | 'on' | 'off' each."""
   cpu = jax.default_backend() == 'cpu'
   switch = lambda setting, auto: {'on': True, 'off': False}.get(setting, auto)
-  cpu_conv = switch(m.cpu_conv, cpu)
-  remat = switch(m.remat, cpu and m.depth >= REMAT_AUTO_DEPTH)
+  return dict(remat=switch(remat, cpu and depth >= REMAT_AUTO_DEPTH),
+              cpu_kernels=switch(cpu_kernels, cpu))
+
+
+def from_config(config, num_classes: int) -> ResNet:
+  """The network of a run's config; 'auto' settings resolved for this backend."""
+  from preact import config as config_lib, paper, parallel
+  from preact.errors import UserError
+  m = config.model
   kwargs = dict(unit_args=config_lib.unit_args(m) or None, zero_init_last=m.zero_init_last,
-                dtype=jnp.dtype(m.dtype), scan=m.scan, remat=remat,
+                dtype=jnp.dtype(m.dtype), scan=m.scan, shortcut=m.shortcut,
                 bn_axis_name=parallel.AXIS if config.bn_cross_replica else None,
-                cpu_conv=cpu_conv, shortcut=m.shortcut)
+                **hardware(m.depth, m.remat, m.cpu_kernels))
   try:
-    if m.arch == 'imagenet':
-      return imagenet_resnet(m.depth, m.unit, num_classes=num_classes, **kwargs)
-    return cifar_resnet(m.depth, m.unit, bottleneck=m.bottleneck,
-                               one_layer=m.one_layer, num_classes=num_classes, **kwargs)
+    block = paper.block(m.depth, m.arch) if m.block == 'auto' else m.block
+    build = imagenet_resnet if m.arch == 'imagenet' else cifar_resnet
+    return build(m.depth, m.unit, num_classes=num_classes, block=block, **kwargs)
   except ValueError as e:
     raise UserError(f'model: {e}') from None
-
 
 
 # --------------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ def mini(c, depth: int):
   c.dataset = 'fashion_mnist'
   c.model.arch = 'cifar'  # ImageNet rows too: their unit, on the small network
   c.model.depth = 20
-  c.model.bottleneck = depth in (164, 1001) and not c.model.one_layer
+  if c.model.block != 'one_layer':
+    c.model.block = 'bottleneck' if depth in (164, 1001) else 'basic'
   c.batch_size = 64
   c.total_steps, c.total_epochs = 300, 0.0
   c.optimizer.boundaries, c.optimizer.boundary_epochs = (150, 225), ()
@@ -112,17 +113,19 @@ def mini(c, depth: int):
   c.eval_batch_size = 1000
 
 
-def bottleneck(depth: int) -> bool:
-  """The paper's block at a CIFAR depth: bottleneck for 164 and 1001 (and any 9n+2 that
-  is not 6n+2), basic otherwise."""
-  return depth in (164, 1001) or (depth - 2) % 6 != 0
+def block(depth: int, arch: str = 'cifar') -> str:
+  """The paper's block (units.BLOCKS) at a depth: on CIFAR, bottleneck for 164 and 1001
+  (and any 9n+2 that is not 6n+2), basic otherwise; ImageNet nets have their own."""
+  if arch == 'imagenet':
+    from preact import models
+    return models.IMAGENET_NETS[depth][0] if depth in models.IMAGENET_NETS else 'basic'
+  return 'bottleneck' if depth in (164, 1001) or (depth - 2) % 6 != 0 else 'basic'
 
 
 def table_config(table: str, rows: dict[str, Row], arg: str, base_depth: int,
-                 recipe=cifar_recipe, depths: dict | None = None):
+                 recipe=cifar_recipe):
   """The config of one row: ``recipe(c)`` (:func:`cifar_recipe`, :func:`imagenet_recipe`)
-  then the row's changes. ``depths`` maps a depth to its block (True: bottleneck) where
-  the table fixes it; otherwise the paper's block for the depth."""
+  then the row's changes, on the paper's block for the depth (:func:`block`)."""
   row_name, options = parse_arg(arg, rows)
   row = rows[row_name]
   depth = options.pop('depth', row.depth or base_depth)
@@ -134,10 +137,7 @@ def table_config(table: str, rows: dict[str, Row], arg: str, base_depth: int,
   recipe(c)
   c.model.unit = row.unit
   c.model.depth = depth
-  if c.model.arch == 'imagenet':
-    c.model.bottleneck = depth >= 50
-  else:
-    c.model.bottleneck = bottleneck(depth) if depths is None else depths.get(depth, False)
+  c.model.block = block(depth, c.model.arch)
   for key, value in row.unit_args.items():
     c.model.unit_args[key] = float(value)
   for key, value in row.overrides.items():

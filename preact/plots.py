@@ -12,9 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
-# Activation placements solid, shortcut variants dashed, so Fig. 2 and Fig. 4 separate.
-_DASHED = {'constant_scaling', 'exclusive_gating', 'shortcut_only_gating', 'conv_shortcut',
-           'dropout_shortcut'}
+
+
+def _line_style(unit: str) -> str:
+  """Activation placements solid, shortcut variants dashed: Fig. 4 and Fig. 2 separate."""
+  from preact import units
+  known = units.UNITS.get(unit)
+  return '-' if known is None or known.identity_shortcut else '--'
 
 
 def _save(fig, path):
@@ -37,13 +41,13 @@ def _norm_figure(results, field, ylabel, title, path):
     for r in rs:
       y = getattr(r, field)
       ax.plot(np.arange(len(y)), y, label=r.info['unit'], lw=1.4,
-              ls='--' if r.info['unit'] in _DASHED else '-')
+              ls=_line_style(r.info['unit']))
     for i in np.flatnonzero(np.diff(rs[0].stage)) + 1:
       ax.axvline(i - 0.5, color='0.6', lw=0.8, ls=':', zorder=0)
     ax.set_yscale('log')
     ax.set_xlabel('unit index l (stage boundaries dotted)')
     ax.set_ylabel(ylabel)
-    ax.set_title(f'{title}, depth {depth} ({rs[0].info["branch"]}, BN {rs[0].info["bn"]})')
+    ax.set_title(f'{title}, depth {depth} ({rs[0].info.get("block", rs[0].info.get("branch"))}, BN {rs[0].info["bn"]})')
     ax.grid(True, which='major', alpha=0.3)
   axes[0][-1].legend(fontsize=8, loc='center left', bbox_to_anchor=(1.01, 0.5))
   _save(fig, path)

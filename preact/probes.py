@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from preact import models, paper
+from preact import models, paper, units
 
 
 @dataclasses.dataclass
@@ -75,26 +75,38 @@ def probe_loss(model, variables, perturbations, images, labels, train, rng):
 
 @functools.partial(jax.jit, static_argnames=('model', 'train'))
 def _probe(model, variables, perturbations, images, labels, train, rng):
-  """Per unit: Σ(∂L/∂x_l)², Σ ∂L/∂x_l · ∂L/∂x_L(stage) and ‖x_l‖² as float32 sums; the
-  host takes the roots and quotients in float64 (:func:`gradient_probe`)."""
+  """Per unit: the largest |∂L/∂x_l| and |x_l|, and the sums Σ(g/max|g|)²,
+  Σ (g/max|g|)·(g_L/max|g_L|) with the stage's last unit's g_L, and Σ(x/max|x|)², in
+  float32. Scaled so that squares of the tiny gradients of a deep scaled-shortcut net
+  do not underflow; the host combines them in float64 (:func:`gradient_probe`)."""
   (loss, inter), grads = jax.value_and_grad(
       functools.partial(probe_loss, model, variables), has_aux=True)(
           perturbations, images, labels, train, rng)
   g_blocks, x_blocks = models.unit_blocks(grads), models.unit_blocks(inter)
-  cols = {k: [] for k in ('stage', 'grad_sq', 'dot', 'last', 'act_sq')}
-  total = lambda b: jnp.sum(b, axis=tuple(range(1, b.ndim)))
+  cols = {k: [] for k in ('stage', 'grad_max', 'grad_sq', 'dot', 'last', 'act_max', 'act_sq')}
+  axes = lambda b: tuple(range(1, b.ndim))
+
+  def scaled(b):
+    top = jnp.max(jnp.abs(b), axis=axes(b))
+    safe = jnp.where(top > 0, top, 1).reshape((-1,) + (1,) * (b.ndim - 1))
+    return top, b / safe
+
   offset = 0
   for s in sorted(g_blocks):
-    last = g_blocks[s][-1][-1]
+    _, last = scaled(g_blocks[s][-1][-1:])
     n = sum(g.shape[0] for g in g_blocks[s])
     for g, x in zip(g_blocks[s], x_blocks[s]):
-      cols['grad_sq'].append(total(g * g))
+      top, unit = scaled(g)
+      cols['grad_max'].append(top)
+      cols['grad_sq'].append(jnp.sum(unit * unit, axis=axes(unit)))
       # The stage's first unit may read another shape than the last unit's input.
-      cols['dot'].append(total(g * last) if g.shape[1:] == last.shape
+      cols['dot'].append(jnp.sum(unit * last, axis=axes(unit)) if g.shape[1:] == last.shape[1:]
                          else jnp.full(g.shape[:1], jnp.nan))
       cols['stage'].append(jnp.full(g.shape[:1], s))
       cols['last'].append(jnp.full(g.shape[:1], offset + n - 1))
-      cols['act_sq'].append(total(x * x))
+      top, unit = scaled(x)
+      cols['act_max'].append(top)
+      cols['act_sq'].append(jnp.sum(unit * unit, axis=axes(unit)))
     offset += n
   return loss, {k: jnp.concatenate(v) for k, v in cols.items()}
 
@@ -114,16 +126,22 @@ def gradient_probe(model: models.ResNet, variables: dict, images, labels,
     perturbations = zero_perturbations(model, images)
   loss, cols = _probe(model, models.model_state(variables), perturbations, images, labels,
                       train, rng)
-  # In float64, and from the same float32 sums: a gradient bitwise equal to the last
-  # unit's has ratio and cosine exactly 1 (the sums' product is exact in float64).
+  # In float64, and from the same float32 numbers: a gradient bitwise equal to the last
+  # unit's has ratio and cosine exactly 1 (the sums' product is exact in float64). A
+  # gradient that is 0 in float32 (the vanishing of Eq. 7 past float32's range) has
+  # norm 0, and ratio and cosine NaN where its stage's last unit's is 0 too.
   cols = {k: np.asarray(v, np.float64) for k, v in jax.device_get(cols).items()}
-  grad_sq, last_sq = cols['grad_sq'], cols['grad_sq'][cols['last'].astype(int)]
-  return ProbeResult(stage=cols['stage'].astype(int), grad_norm=np.sqrt(grad_sq),
-                     ratio=np.sqrt(grad_sq / last_sq),
-                     cosine=cols['dot'] / np.sqrt(grad_sq * last_sq),
-                     act_norm=np.sqrt(cols['act_sq']), loss=float(loss),
+  last = cols['last'].astype(int)
+  top, grad_sq = cols['grad_max'], cols['grad_sq']
+  with np.errstate(divide='ignore', invalid='ignore'):
+    ratio = top / top[last] * np.sqrt(grad_sq / grad_sq[last])
+    ratio = np.where(top == 0, np.where(top[last] == 0, np.nan, 0.0), ratio)
+    cosine = cols['dot'] / np.sqrt(grad_sq * grad_sq[last])
+  return ProbeResult(stage=cols['stage'].astype(int), grad_norm=top * np.sqrt(grad_sq),
+                     ratio=ratio, cosine=cosine,
+                     act_norm=cols['act_max'] * np.sqrt(cols['act_sq']), loss=float(loss),
                      info=dict(unit=model.unit, stages=list(model.stage_sizes),
-                               branch=model.branch, zero_init_last=model.zero_init_last,
+                               block=model.block, zero_init_last=model.zero_init_last,
                                bn='train' if train else 'eval'))
 
 
@@ -163,18 +181,12 @@ def probe_batch(config, batch: int):
   """The first ``batch`` examples of the dataset's evaluation split, normalized."""
   from preact import data
   spec = data.spec(config.dataset)
-  if spec.streaming:
-    from preact import imagenet
-    b = next(imagenet.eval_batches(config.copy_and_resolve_references(), spec.eval_split))
-    images, labels = b['image'][:batch], b['label'][:batch]
-  else:
-    images, labels = data.load_arrays(config.dataset, spec.eval_split, config.data_dir)
-    images, labels = images[:batch], labels[:batch]
+  images, labels = data.first_examples(config, spec.eval_split, batch)
   mean, std = data.channel_stats(config.dataset, config.data_dir)
   return data.normalize(images, mean, std, np.float32), labels, spec.num_classes
 
 
-def probe_variants(config, unit_names, depths, bottleneck=None, zero_init_last=False,
+def probe_variants(config, unit_names, depths, block='auto', zero_init_last=False,
                    batch=32, bn='auto', seed=0, progress=False):
   """Probes each unit variant at each depth at initialization; returns the results and
   the identity-mapping test {'<unit>@<depth>': per-stage relative change}."""
@@ -185,10 +197,13 @@ def probe_variants(config, unit_names, depths, bottleneck=None, zero_init_last=F
     c = config.copy_and_resolve_references()
     with c.unlocked():
       c.model.unit, c.model.depth = unit, depth
-      c.model.bottleneck = paper.bottleneck(depth) if bottleneck is None else bottleneck
+      c.model.block = paper.block(depth) if block == 'auto' else block
       c.model.zero_init_last = zero_init_last
-      c.model.unit_args = type(c.model.unit_args)(
-          {k: None for k in c.model.unit_args})  # each unit's own defaults
+      # The config's unit arguments where this unit has them, its defaults otherwise.
+      params = units.UNITS[unit].params if unit in units.UNITS else {}
+      for key in c.model.unit_args:
+        if key not in params:
+          c.model.unit_args[key] = None
     model = models.from_config(c, classes)
     zeroed = model.clone(zero_init_last=True)
     t = time.time()

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import numpy as np
 from etils import epath
 
-from preact import logs
+from preact import config as config_lib, logs
 
 FAIL_ABOVE = 20.0  # % test error: the paper's "fail"
 
@@ -49,8 +49,7 @@ class RunResult:
     if p.get('table'):
       return (p['table'] + (' (mini)' if p.get('mini') else ''), p['row'])
     m = self.config['model']
-    branch = 'bottleneck' if m.get('bottleneck') else '1-layer' if m.get('one_layer') else 'basic'
-    return ('other', f'{self.config["dataset"]} {m["unit"]} {m["depth"]} {branch}')
+    return ('other', f'{self.config["dataset"]} {m["unit"]} {m["depth"]} {m["block"]}')
 
 
 def find_runs(paths) -> list[str]:
@@ -72,7 +71,8 @@ def find_runs(paths) -> list[str]:
 
 def load_run(workdir) -> RunResult:
   w = epath.Path(workdir)
-  config = json.loads((w / 'config.json').read_text())
+  # As this version spells it (records of older versions name some keys differently).
+  config = config_lib.from_dict(json.loads((w / 'config.json').read_text())).to_dict()
   metrics = logs.read_jsonl(w / 'metrics.jsonl')
   outcome = json.loads((w / 'outcome.json').read_text()) if (w / 'outcome.json').exists() \
       else {'status': 'running', 'step': metrics[-1]['step'] if metrics else 0}

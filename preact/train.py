@@ -23,7 +23,7 @@ from etils import epath
 from preact import checkpoint, config as config_lib, data, logs, models, parallel, runrecord
 from preact.errors import UserError
 
-logging = logging.getLogger('preact')  # absl's handler prints it; orbax's chatter stays off
+log = logging.getLogger('preact')  # absl's handler prints it; orbax's chatter stays off
 
 
 @flax.struct.dataclass
@@ -153,37 +153,28 @@ def make_eval_step(model, mean, std):
 
 
 class Run:
-  """The model, data, mapped steps and checkpoints of one config in one workdir."""
+  """The model, data, mapped steps and checkpoints of one validated config
+  (:func:`preact.config.validate`) in one workdir."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir, for_eval: bool = False,
                devices=None):
-    self.config = config_lib.validate(config)
+    self.config = config
     self.workdir = epath.Path(workdir)
     self.spec = data.spec(config.dataset)
     self.model = models.from_config(config, self.spec.num_classes)  # bad settings fail before I/O
     self.replicas = parallel.Replicas(config.parallelism, devices)
     self.replicas.check_batch('batch_size', config.batch_size)
     self.replicas.check_batch('eval_batch_size', config.eval_batch_size)
-    if self.spec.streaming:
-      from preact import imagenet
-      self.train_data = imagenet.Streaming(config, jax.process_index(), jax.process_count())
-    else:
-      self.train_data = None if for_eval else data.InMemory(
-          config.dataset, config.batch_size, config.seed, config.augment.crop_padding,
-          config.augment.flip, config.data_dir, jax.process_index(), jax.process_count())
+    self.train_data = None if for_eval else self.spec.pipeline.train(
+        config, jax.process_index(), jax.process_count())
     self.mean, self.std = data.channel_stats(config.dataset, config.data_dir)
-    self.image_shape = self._image_shape()
+    self.image_shape = self.spec.pipeline.image_shape(config)
     self.tx = make_optimizer(config.optimizer, config.total_steps)
     self.schedule = make_schedule(config.optimizer, config.total_steps)
     self.train_step = self.replicas.map(
         make_train_step(self.model, self.tx, self.mean, self.std, config.seed))
     self.eval_step = self.replicas.map(make_eval_step(self.model, self.mean, self.std),
                                        donate_state=False)
-
-  def _image_shape(self):
-    if self.spec.streaming:
-      return (self.config.augment.image_size,) * 2 + (3,)
-    return data.load_arrays(self.config.dataset, 'train', self.config.data_dir)[0].shape[1:]
 
   def init_state(self) -> TrainState:
     return init_state(self.model, self.tx, self.config.seed, self.image_shape,
@@ -196,14 +187,8 @@ class Run:
   def evaluate(self, state: TrainState, split: str | None = None) -> dict:
     """Loss and error over every example of the split, each counted exactly once."""
     split = split or self.spec.eval_split
-    if self.spec.streaming:
-      from preact import imagenet
-      batches = imagenet.eval_batches(self.config, split, jax.process_index(),
-                                      jax.process_count())
-    else:
-      images, labels = data.load_arrays(self.config.dataset, split, self.config.data_dir)
-      batches = data.eval_batches(images, labels, self.config.eval_batch_size,
-                                  jax.process_index(), jax.process_count())
+    batches = self.spec.pipeline.evaluation(self.config, split, jax.process_index(),
+                                            jax.process_count())
     totals = None
     for batch in batches:
       sums = self.eval_step(state, self.replicas.put_batch(batch))
@@ -219,7 +204,7 @@ def _restore(run: Run, ckpts: checkpoint.Checkpoints, workdir) -> TrainState:
   state = run.init_state()
   if ckpts.latest() is not None:
     state, _ = ckpts.restore(state)
-    logging.info('resumed from step %d in %s', int(state.step), workdir)
+    log.info('resumed from step %d in %s', int(state.step), workdir)
   return run.replicas.for_step(state)
 
 
@@ -246,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
   runrecord.check(workdir, config)
   recorded = runrecord.recorded_outcome(workdir)
   if recorded and recorded.get('status') == 'diverged':
-    logging.info('%s diverged before (%s); not training it again', workdir,
+    log.info('%s diverged before (%s); not training it again', workdir,
                  recorded.get('reason'))
     return recorded
   run = Run(config, workdir, devices=devices)  # bad settings fail before any write
@@ -266,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
     start = int(state.step)
     if start >= config.total_steps and recorded:
       ckpts.close()
-      logging.info('%s already trained to step %d', workdir, start)
+      log.info('%s already trained to step %d', workdir, start)
       return recorded  # keep what it recorded
     if lead:
       runrecord.truncate_metrics(workdir, start)
@@ -275,8 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
     try:
       runrecord.write_atomic(workdir / 'outcome.json', runrecord.to_json(outcome))
     except OSError as e:
-      logging.error('cannot record the outcome in %s: %s', workdir, e)
-  logging.info('outcome: %s', outcome)
+      log.error('cannot record the outcome in %s: %s', workdir, e)
+  log.info('outcome: %s', outcome)
   return outcome
 
 
@@ -298,47 +283,28 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
       state, metrics = run.train_step(state, next(batches))
       step += 1
       pending.append(metrics)
-      row = {}
       stop = signals.status  # read once: a signal arriving later counts from the next step
-      log = step % config.log_every == 0 or step == total
+      write_row = step % config.log_every == 0 or step == total
       save = step % config.checkpoint_every == 0 or step == total or stop
-      if log or save:
-        bad = int(jax.device_get(state.bad_step))  # the only host sync besides logging
-        if bad:
-          fetched = jax.device_get(pending[:bad - (step - len(pending))])
-          outcome.update(status='diverged', step=bad,
-                         reason=f'train loss {float(fetched[-1]["train_loss"])} or its '
-                                f'gradients not finite at step {bad}; the last checkpoint '
-                                'is the last finite state')
-          writer.write({'step': bad, 'train_loss': fetched[-1]['train_loss']})
-          logging.warning('diverged: %s', outcome['reason'])
-          break
-      if log:
+      if (write_row or save) and _diverged(state, step, pending, outcome, writer):
+        break
+      row = {}
+      if write_row:
         row = _log_row(run, pending, step, since)
         pending, since = [], (step, time.time())
       if step % config.eval_every == 0 or step == total:
-        ev = run.evaluate(state)
-        row.update(test_loss=ev['loss'], test_error=ev['error'],
-                   test_error_top5=ev['error_top5'])
-        outcome['test_error'] = ev['error']
+        row.update(_evaluate_row(run, state, outcome))
         since = (since[0], time.time())  # images/s counts training time only
       if row:
         writer.write({'step': step, **row})
       progress.update(step, {k: v for k, v in row.items()
                              if k in ('train_loss', 'train_error', 'test_error')} or None)
-      if save:
-        try:
-          ckpts.save(step, run.replicas.for_save(state), {'step': step,
-                                                          'dataset': config.dataset})
-        except OSError as e:
-          outcome.update(status='failed', step=step,
-                         reason=f'saving the checkpoint of step {step} failed: {e}')
-          break
-      if stop:
-        outcome.update(status=stop,
-                       reason=f'{signals.name}; checkpoint saved at step {step}')
+      if save and not _saved(run, ckpts, state, step, outcome):
         break
-    if outcome['status'] != 'diverged' and outcome['status'] != 'failed':
+      if stop:
+        outcome.update(status=stop, reason=f'{signals.name}; checkpoint saved at step {step}')
+        break
+    if outcome['status'] not in ('diverged', 'failed'):
       outcome['step'] = step
   finally:
     progress.close()
@@ -350,6 +316,40 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
       outcome.update(status='failed', reason=f'saving a checkpoint failed: {e}')
     writer.close()
   return outcome
+
+
+def _diverged(state: TrainState, step: int, pending: list, outcome: dict, writer) -> bool:
+  """Whether a step since the last check was not finite (the only host sync besides
+  logging); if so the outcome records the first such step."""
+  bad = int(jax.device_get(state.bad_step))
+  if not bad:
+    return False
+  fetched = jax.device_get(pending[:bad - (step - len(pending))])
+  outcome.update(status='diverged', step=bad,
+                 reason=f'train loss {float(fetched[-1]["train_loss"])} or its gradients not '
+                        f'finite at step {bad}; the last checkpoint is the last finite state')
+  writer.write({'step': bad, 'train_loss': fetched[-1]['train_loss']})
+  log.warning('diverged: %s', outcome['reason'])
+  return True
+
+
+def _evaluate_row(run: Run, state: TrainState, outcome: dict) -> dict:
+  ev = run.evaluate(state)
+  outcome['test_error'] = ev['error']
+  return {'test_loss': ev['loss'], 'test_error': ev['error'],
+          'test_error_top5': ev['error_top5']}
+
+
+def _saved(run: Run, ckpts, state: TrainState, step: int, outcome: dict) -> bool:
+  """Saves the step's checkpoint; a failed write stops the run as 'failed'."""
+  try:
+    ckpts.save(step, run.replicas.for_save(state), {'step': step,
+                                                    'dataset': run.config.dataset})
+    return True
+  except OSError as e:
+    outcome.update(status='failed', step=step,
+                   reason=f'saving the checkpoint of step {step} failed: {e}')
+    return False
 
 
 def evaluate_checkpoint(workdir, step: int | None = None, split: str | None = None,

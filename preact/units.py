@@ -107,6 +107,11 @@ class DropoutShortcut(Shortcut):
   stochastic λ whose expectation is 1 − rate, and evaluation uses that expectation."""
   rate: float = 0.5
 
+  def __post_init__(self):
+    if not 0.0 <= self.rate < 1.0:
+      raise ValueError(f'dropout rate must be in [0, 1), got {self.rate}')
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, x, h, f, train):
     keep = 1.0 - self.rate
@@ -122,54 +127,81 @@ class DropoutShortcut(Shortcut):
 
 @dataclasses.dataclass(frozen=True)
 class UnitDef:
-  """A named unit variant: a placement, a shortcut and the shortcut's defaults."""
+  """A named unit variant: a placement and a shortcut (a Shortcut class, or a partial
+  of one that fixes some of its fields). The shortcut's other fields are the variant's
+  parameters, settable per run as ``model.unit_args``."""
   placement: str
   shortcut: Callable[..., Shortcut] = Shortcut
-  defaults: dict = dataclasses.field(default_factory=dict)
   project_always: bool = False  # Fig. 2(e): a 1×1 conv shortcut on every unit.
 
   @property
   def layout(self) -> Placement:
     return PLACEMENTS[self.placement]
 
+  @property
+  def params(self) -> dict[str, Any]:
+    """The shortcut's parameters and their defaults: its own dataclass fields, less
+    those its partial fixes."""
+    fixed = getattr(self.shortcut, 'keywords', {})
+    cls = getattr(self.shortcut, 'func', self.shortcut)
+    inherited = {f.name for f in dataclasses.fields(Shortcut)}
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.name not in inherited and f.name not in fixed}
+
+  @property
+  def identity_shortcut(self) -> bool:
+    """Fig. 4's variants (h = identity) as opposed to Fig. 2's."""
+    return self.shortcut is Shortcut and not self.project_always
+
+  def resolve(self, args: dict | None = None) -> Callable[..., Shortcut]:
+    """The shortcut with ``args`` bound over its defaults, checked by building it."""
+    args = dict(args or {})
+    unknown = set(args) - set(self.params)
+    if unknown:
+      raise ValueError(f'no argument(s) {", ".join(sorted(unknown))}; '
+                       f'valid: {", ".join(self.params) or "none"}')
+    for key, value in args.items():
+      if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f'unit argument {key} must be a number, got {value!r}')
+    self.shortcut(**args)  # the shortcut's own checks (e.g. a dropout rate in [0, 1))
+    return functools.partial(self.shortcut, **args)
+
 
 UNITS: dict[str, UnitDef] = {
     # Fig. 4, activation placements, identity shortcut.
     **{name: UnitDef(name) for name in PLACEMENTS},
     # Fig. 2, shortcut variants on the original unit.
-    'constant_scaling': UnitDef('original', ConstantScaling,
-                                {'scale': 0.5, 'branch_scale': 0.5}),
-    'exclusive_gating': UnitDef('original', functools.partial(Gating, exclusive=True),
-                                {'bias': -6.0}),
-    'shortcut_only_gating': UnitDef('original', functools.partial(Gating, exclusive=False),
-                                    {'bias': -6.0}),
+    'constant_scaling': UnitDef('original', ConstantScaling),
+    'exclusive_gating': UnitDef('original', functools.partial(Gating, exclusive=True)),
+    'shortcut_only_gating': UnitDef('original', functools.partial(Gating, exclusive=False)),
     'conv_shortcut': UnitDef('original', project_always=True),
-    'dropout_shortcut': UnitDef('original', DropoutShortcut, {'rate': 0.5}),
+    'dropout_shortcut': UnitDef('original', DropoutShortcut),
 }
 
-def get_unit(name: str, args: dict | None = None) -> tuple[UnitDef, dict]:
-  """Looks up a unit variant and validates its arguments; returns (def, full args)."""
+
+def get_unit(name: str, args: dict | None = None) -> tuple[UnitDef, Callable[..., Shortcut]]:
+  """Looks up a unit variant and binds its arguments: (definition, shortcut)."""
   if name not in UNITS:
     raise ValueError(f'unknown unit {name!r}; valid units: {", ".join(UNITS)}')
-  unit = UNITS[name]
-  args = dict(args or {})
-  unknown = set(args) - set(unit.defaults)
-  if unknown:
-    valid = ', '.join(unit.defaults) or 'none'
-    raise ValueError(f'unit {name!r} has no argument(s) {", ".join(sorted(unknown))}; '
-                     f'valid: {valid}')
-  args = {**unit.defaults, **args}
-  if 'rate' in args and not 0.0 <= args['rate'] < 1.0:
-    raise ValueError(f'dropout rate must be in [0, 1), got {args["rate"]}')
-  for key, value in args.items():
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-      raise ValueError(f'unit argument {key} must be a number, got {value!r}')
-  return unit, args
+  try:
+    return UNITS[name], UNITS[name].resolve(args)
+  except ValueError as e:
+    raise ValueError(f'unit {name!r}: {e}') from None
 
 
-# Branch shapes: kernel sizes and the width of each conv relative to the unit's output.
-# The stride sits on the first conv, as in the authors' resnet-pre-act.lua.
-BRANCHES: dict[str, tuple[tuple[int, int], ...]] = {
+def unit_params() -> dict[str, Any]:
+  """Every parameter of every registered unit, with its first default (the config's
+  ``model.unit_args`` keys)."""
+  out = {}
+  for unit in UNITS.values():
+    for key, value in unit.params.items():
+      out.setdefault(key, value)
+  return out
+
+
+# Blocks, the shapes of F: kernel sizes and the width of each conv relative to the
+# unit's output. The stride sits on the first conv, as in the authors' resnet-pre-act.lua.
+BLOCKS: dict[str, tuple[tuple[int, int], ...]] = {
     'basic': ((3, 1), (3, 1)),                  # two 3×3
     'bottleneck': ((1, 4), (3, 4), (1, 1)),     # 1×1 (out/4), 3×3 (out/4), 1×1 (out)
     'one_layer': ((3, 1),),                     # Table 3's "1-layer skip"
@@ -191,10 +223,14 @@ def zero_pad(x: Array, features: int, stride: int) -> Array:
 
 
 class ResidualUnit(nn.Module):
-  """One residual unit x_{l+1} = f(h(x_l) + F(x_l)) of any registered variant."""
-  unit: str
+  """One residual unit x_{l+1} = f(h(x_l) + F(x_l)) of any registered variant.
+
+  ``unit`` and ``combine`` are what :func:`get_unit` returns for the variant: its
+  definition and its Fig. 2 shortcut with the run's arguments bound."""
+  unit: UnitDef
+  combine: Callable[..., Shortcut]
   features: int
-  branch: str = 'basic'
+  block: str = 'basic'
   strides: int = 1
   # The first unit of a stage splits into branch and shortcut after its pre-activation
   # (paper appendix: "these projection shortcuts are also with pre-activation";
@@ -205,14 +241,13 @@ class ResidualUnit(nn.Module):
   activated_input: bool = False
   # How a unit that changes shape shapes its shortcut: a 1×1 conv, or option A.
   shortcut: str = 'projection'
-  unit_args: Any = None
   zero_init_last: bool = False
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    unit, args = get_unit(self.unit, self.unit_args)
+    unit = self.unit
     p = unit.layout
     # x_l is the point the probes differentiate at: ∂L/∂x_l is the gradient of this
     # zero perturbation, and the forward value is sown for ‖x_l‖.
@@ -239,7 +274,7 @@ class ResidualUnit(nn.Module):
         h = self.norm(name='proj_bn')(h, use_running_average=not train)
     elif reshape:
       h = zero_pad(h, self.features, self.strides)
-    convs = BRANCHES[self.branch]
+    convs = BLOCKS[self.block]
     for i, (k, div) in enumerate(convs):
       if i:
         y = ops(('bn', 'relu'), y)
@@ -248,5 +283,5 @@ class ResidualUnit(nn.Module):
       y = self.conv(self.features // div, (k, k), (self.strides if i == 0 else 1,) * 2,
                     **init)(y)
     y = ops(p.after_branch, y, last=True)
-    out = unit.shortcut(conv=self.conv, **args, name='shortcut')(x, h, y, train)
+    out = self.combine(conv=self.conv, name='shortcut')(x, h, y, train)
     return ops(p.after_add, out)

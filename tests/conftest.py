@@ -64,3 +64,45 @@ def _fresh_data_cache():
   data.load_arrays.cache_clear()
   yield
   data.load_arrays.cache_clear()
+
+
+# --------------------------------------------------------------------------------------
+# Helpers the test files share.
+
+def tiny_config(**overrides):
+  """A ResNet-8 run of 3 steps on CIFAR-10 (tests mock it), with ``overrides``."""
+  from preact import config as config_lib
+  c = config_lib.base()
+  c.dataset = 'cifar10'
+  c.model.depth, c.model.block = 8, 'basic'
+  c.batch_size, c.eval_batch_size = 16, 16
+  c.total_steps = 3
+  c.checkpoint_every = c.eval_every = c.log_every = 1000
+  c.optimizer.schedule, c.optimizer.warmup_steps = 'cosine', 0
+  c.progress = 'log'
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def params_of(workdir):
+  """The saved state of a run's latest checkpoint, as numpy arrays."""
+  from preact import checkpoint
+  ck = checkpoint.Checkpoints(workdir)
+  try:
+    return ck.restore_arrays()
+  finally:
+    ck.close()
+
+
+def tree_close(a, b, rtol=1e-4, atol=1e-6):
+  """Two pytrees of the same structure, leaf by leaf within tolerance."""
+  import jax
+  import numpy as np
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(u, w, rtol=rtol, atol=atol)

@@ -12,16 +12,16 @@ from preact import bench, models, units
 @pytest.mark.parametrize('placement', list(units.PLACEMENTS))
 def test_pytorch_reference_has_our_parameter_count(placement):
   torch_ref = pytest.importorskip('preact.bench_torch')
-  for depth, bottleneck in ((20, False), (29, True)):
+  for depth, block in ((20, 'basic'), (29, 'bottleneck')):
     ours = models.count_params(models.init_shapes(
-        models.cifar_resnet(depth, placement, bottleneck=bottleneck), (32, 32, 3))['params'])
+        models.cifar_resnet(depth, placement, block), (32, 32, 3))['params'])
     theirs = sum(p.numel() for p in torch_ref.cifar_resnet(depth, placement,
-                                                           bottleneck).parameters())
+                                                           block).parameters())
     assert theirs == ours
 
 
 def test_bench_train_reports_speed_memory_and_mfu():
-  model = bench.build_model(8, False)
+  model = bench.cifar_model(8, 'basic')
   r = bench.bench_train(model, batch=8, steps=2, warmup=1, peak_flops=bench.matmul_peak(n=512))
   for key in ('images_per_s', 'step_ms', 'compile_s', 'peak_mem_gb', 'mfu', 'flops_per_image'):
     assert r[key] > 0, key
@@ -30,15 +30,15 @@ def test_bench_train_reports_speed_memory_and_mfu():
 
 
 def test_remat_plans_less_memory_and_compile_only_runs_nothing():
-  plain = bench.bench_train(bench.build_model(20, False), batch=8, steps=0)
-  remat = bench.bench_train(bench.build_model(20, False, remat='on'), batch=8, steps=0)
+  plain = bench.bench_train(bench.cifar_model(20, 'basic'), batch=8, steps=0)
+  remat = bench.bench_train(bench.cifar_model(20, 'basic', remat='on'), batch=8, steps=0)
   assert plain['step_ms'] != plain['step_ms']  # NaN: compiled, not run
   assert 0 < remat['peak_mem_gb'] < plain['peak_mem_gb']
 
 
 def test_preact_bench_command_prints_ours_beside_pytorch():
   pytest.importorskip('torch')
-  out = run_cli('bench', '--depth=8', '--nobottleneck', '--batch=8', '--steps=2', '--torch',
+  out = run_cli('bench', '--depth=8', '--block=basic', '--batch=8', '--steps=2', '--torch',
                 '--json', check=True).stdout
   r = json.loads(out.strip().splitlines()[-1])
   assert r['torch']['params'] == r['params'] == 75_290
@@ -46,7 +46,7 @@ def test_preact_bench_command_prints_ours_beside_pytorch():
   before, after = r['torch_runs']  # PyTorch on either side of ours; the ratio uses the mean
   assert r['torch']['images_per_s'] == pytest.approx(
       (before['images_per_s'] + after['images_per_s']) / 2)
-  out = run_cli('bench', '--mode=compile', '--depths=8,14', '--nobottleneck', '--batch=8',
+  out = run_cli('bench', '--mode=compile', '--depths=8,14', '--block=basic', '--batch=8',
                 '--json', check=True).stdout
   r = json.loads(out.strip().splitlines()[-1])
   assert set(r['compile_s']) == {'8', '14'} and r['ratio'] > 0
@@ -59,11 +59,11 @@ def test_pipeline_throughput_is_measured_without_tfds():
   assert bench.pipeline_images_per_s(images, labels, batch=16, padding=4, steps=3) > 0
 
 
-@pytest.mark.parametrize('cpu_conv', ['on', 'off'])
-def test_profile_puts_every_executed_op_of_the_step_in_a_kind(cpu_conv):
+@pytest.mark.parametrize('cpu_kernels', ['on', 'off'])
+def test_profile_puts_every_executed_op_of_the_step_in_a_kind(cpu_kernels):
   from preact import profile
   # Two units a stage: the scanned bodies' ops are counted on every trip.
-  r = bench.op_profile(bench.build_model(20, True, cpu_conv=cpu_conv), batch=4, steps=1)
+  r = bench.op_profile(bench.cifar_model(20, 'bottleneck', cpu_kernels=cpu_kernels), batch=4, steps=1)
   assert r['unknown_ops'] == 0
   assert list(r['ms_by_kind']) == list(profile.KINDS)
   assert r['op_ms_total'] == pytest.approx(sum(r['ms_by_kind'].values()))
@@ -77,7 +77,7 @@ def test_pytorch_profile_uses_the_same_kinds():
   torch_ref = pytest.importorskip('preact.bench_torch')
   import torch
   from preact import profile
-  net = torch_ref.cifar_resnet(11, bottleneck=True)
+  net = torch_ref.cifar_resnet(11, block='bottleneck')
   x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
 
   def step():

@@ -13,8 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, cli_env, run_cli
-from test_train import params_of
+from conftest import REPO, cli_env, params_of, run_cli
 
 TINY = ['--config=experiments/fashion_mnist.py', '--config.model.depth=8',
         '--config.batch_size=32', '--config.total_steps=12', '--config.checkpoint_every=3',
@@ -158,7 +157,8 @@ def test_two_processes_train_like_one_process(tmp_path, fmnist_dir):
 
 
 @pytest.mark.parametrize('tool,args,match', [
-    ('train', ['--config.model.deepth=3'], r'unknown config key in --config.model.deepth: deepth Did you mean'),
+    ('train', ['--config.model.deepth=3'],
+     r'unknown config key in --config.model.deepth \(did you mean --config.model.depth\?\)'),
     ('train', ['--config.model.depth=100'], r'depth 100 does not fit basic units'),
     ('train', ['--config.dataset=mnist'], "dataset='mnist' is not one of"),
     ('train', ['--config=experiments/nope.py'], 'cannot load --config'),

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import REPO, run_cli
-from preact import config as config_lib, launchers, models, report, train
+from preact import config as config_lib, launchers, models, report, train, units
 from preact.errors import UserError
 
 TABLES = ('table1', 'table2', 'table3', 'table4', 'table5')
@@ -60,7 +60,7 @@ def test_every_paper_row_has_a_config_with_its_published_number():
 def test_rows_carry_the_papers_settings():
   t1 = load('table1')
   c = t1.get_config('constant_scaling_0.5_1,seed=3')
-  assert (c.model.unit, c.model.depth, c.model.bottleneck) == ('constant_scaling', 110, False)
+  assert (c.model.unit, c.model.depth, c.model.block) == ('constant_scaling', 110, 'basic')
   assert (c.model.unit_args.scale, c.model.unit_args.branch_scale) == (0.5, 1.0)
   assert c.seed == 3
   c = t1.get_config('constant_scaling_0_1')
@@ -69,9 +69,9 @@ def test_rows_carry_the_papers_settings():
   assert c.total_steps == 64_000 and c.optimizer.boundaries == (32_000, 48_000)
   assert c.optimizer.decay == 'all' and c.optimizer.nesterov and c.batch_size == 128
   c = load('table3').get_config('c10_110_1layer_full_preact')
-  assert c.model.one_layer and c.model.depth == 110
+  assert c.model.block == 'one_layer' and c.model.depth == 110
   c = load('table4').get_config('c100_1001')
-  assert (c.dataset, c.model.depth, c.model.bottleneck) == ('cifar100', 1001, True)
+  assert (c.dataset, c.model.depth, c.model.block) == ('cifar100', 1001, 'bottleneck')
   c = config_lib.validate(load('table5').get_config('resnet152_original_320'))
   assert (c.model.arch, c.augment.eval_crop, c.augment.eval_resize) == ('imagenet', 320, 320)
   assert c.paper.error_top5 == 5.5
@@ -100,7 +100,8 @@ def test_basic_nets_use_option_a_and_bottlenecks_project():
   for table, arg in all_rows():
     c = load(table).get_config(arg)
     m = models.from_config(c, 10)
-    want = 'projection' if c.model.bottleneck or c.model.arch == 'imagenet' else 'zero_pad'
+    want = 'projection' if c.model.block == 'bottleneck' or c.model.arch == 'imagenet' \
+        else 'zero_pad'
     assert m.shortcut == want, (table, arg)
 
 
@@ -135,7 +136,7 @@ def _shrunk(c):
   """The row's config on a network small enough to train in a test: same unit, shortcut
   parameters, block form, dataset and recipe; fewest units per stage; tiny images."""
   c.model.depth = 50 if c.model.arch == 'imagenet' else (
-      11 if c.model.bottleneck else 5 if c.model.one_layer else 8)
+      {'bottleneck': 11, 'one_layer': 5, 'basic': 8}[c.model.block])
   c.batch_size = c.eval_batch_size = 8
   c.total_steps, c.total_epochs, c.log_every = 2, 0.0, 1
   c.optimizer.boundary_epochs = ()
@@ -172,11 +173,11 @@ def test_every_row_trains_a_few_steps_and_evaluates(tmp_path, table, arg):
 
 def test_mini_setting_is_fashion_mnist_at_small_scale():
   c = load('table2').get_config('original,depth=164,mini')
-  assert (c.dataset, c.model.depth, c.model.bottleneck, c.paper.mini) == \
-      ('fashion_mnist', 20, True, True)
+  assert (c.dataset, c.model.depth, c.model.block, c.paper.mini) == \
+      ('fashion_mnist', 20, 'bottleneck', True)
   assert c.paper.error == 5.93 and c.total_steps == 300
   c = load('table1').get_config('constant_scaling_0.5_0.5,mini,seed=1')
-  assert (c.model.depth, c.model.bottleneck, c.seed) == (20, False, 1)
+  assert (c.model.depth, c.model.block, c.seed) == (20, 'basic', 1)
 
 
 @pytest.mark.parametrize('table', TABLES)
@@ -189,8 +190,8 @@ def test_every_row_has_a_mini_network(table):
     config_lib.validate(c)
     model = models.from_config(c, 10)
     assert (c.dataset, model.unit) == ('fashion_mnist', c.model.unit)
-    assert sum(model.stage_sizes) * (1 if c.model.one_layer else
-                                     3 if c.model.bottleneck else 2) + 2 == 20
+    convs = len(units.BLOCKS[model.block])
+    assert sum(model.stage_sizes) * convs + 2 == 20 and model.block == c.model.block
 
 
 # --------------------------------------------------------------------------------------

@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, run_cli, tiny_config
 from preact import checkpoint, runrecord, train
 from preact.errors import UserError
 
-from test_train import tiny_config
 
 
 def _hashes(workdir):

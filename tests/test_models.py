@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from preact import layers, models, units
+from conftest import tree_close
+from preact import cpu_kernels, layers, models, units
 
 relu = jax.nn.relu
 EPS = 1e-5
@@ -75,7 +76,7 @@ def _randomize(tree, key):
 
 
 def _unit(name, features=4, **kw):
-  return units.ResidualUnit(name, features, conv=layers.Conv,
+  return units.ResidualUnit(*units.get_unit(name), features, conv=layers.Conv,
                             norm=functools.partial(nn.BatchNorm, epsilon=EPS), **kw)
 
 
@@ -128,7 +129,7 @@ def _random_first_unit(name, **kw):
 
 
 def test_bottleneck_projection_shares_preactivation_and_strides_first_1x1():
-  x, got, P, b = _random_first_unit('full_preact', branch='bottleneck')
+  x, got, P, b = _random_first_unit('full_preact', block='bottleneck')
   with jax.default_matmul_precision('highest'):
     pre = relu(b(0, x))
     F = _conv(P['Conv_2'], relu(b(2, _conv(P['Conv_1'], relu(b(1, _conv(P['Conv_0'], pre, 2)))))))
@@ -170,8 +171,7 @@ def test_first_unit_splits_after_the_activation_of_conv1(unit, form):
   after the addition, stage 1 passes its input through: BN-ReLU(conv1(x)), never the raw
   conv1 output."""
   depth = {'basic': 8, 'one_layer': 5, 'bottleneck': 11}[form]
-  model = models.cifar_resnet(depth, unit, bottleneck=form == 'bottleneck',
-                              one_layer=form == 'one_layer', zero_init_last=True)
+  model = models.cifar_resnet(depth, unit, form, zero_init_last=True)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   v = model.init(jax.random.key(1), x, train=False)
   v = {k: v[k] for k in ('params', 'batch_stats')}
@@ -191,12 +191,12 @@ def test_first_unit_splits_after_the_activation_of_conv1(unit, form):
 
 
 @pytest.mark.parametrize('k,stride', [(1, 1), (1, 2), (3, 1), (3, 2)])
-def test_cpu_conv_formulations_are_the_same_math(k, stride):
+def test_cpu_kernel_formulations_are_the_same_math(k, stride):
   """The XLA:CPU formulations (1×1 as a matmul with a 2-D weight gradient, 3×3 with
   canonical-layout gradients) against XLA's conv and autodiff: outputs, ∂x and ∂W."""
   x = jax.random.normal(jax.random.key(1), (2, 9, 9, 5))
   plain = layers.Conv(7, (k, k), (stride, stride))
-  cpu = layers.Conv(7, (k, k), (stride, stride), cpu=True)
+  cpu = layers.Conv(7, (k, k), (stride, stride), op=cpu_kernels.conv)
   v = plain.init(jax.random.key(0), x)
   dy = jax.random.normal(jax.random.key(2), plain.apply(v, x).shape)
 
@@ -205,7 +205,7 @@ def test_cpu_conv_formulations_are_the_same_math(k, stride):
     return y, vjp(dy)
 
   with jax.default_matmul_precision('highest'):
-    chex_tree_close(value_and_grads(cpu), value_and_grads(plain), rtol=1e-5, atol=1e-5)
+    tree_close(value_and_grads(cpu), value_and_grads(plain), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -214,7 +214,7 @@ def test_cpu_batch_norm_is_flax_batch_norm(dtype):
   nn.BatchNorm, in training and in evaluation."""
   x = 3 + 2 * jax.random.normal(jax.random.key(0), (4, 5, 5, 6))
   kw = dict(momentum=0.9, epsilon=1e-5, dtype=dtype)
-  flax_bn, ours = nn.BatchNorm(**kw), layers.BatchNorm(**kw)
+  flax_bn, ours = nn.BatchNorm(**kw), cpu_kernels.BatchNorm(**kw)
   v = flax_bn.init(jax.random.key(1), x, use_running_average=False)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x, use_running_average=False)) \
       == jax.tree.map(jnp.shape, v)
@@ -230,14 +230,14 @@ def test_cpu_batch_norm_is_flax_batch_norm(dtype):
     return y, new, vjp(dy)
 
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
-  chex_tree_close(train(ours), train(flax_bn), **tol)
+  tree_close(train(ours), train(flax_bn), **tol)
   evaluate = lambda bn: bn.apply(v, x, use_running_average=True)
-  chex_tree_close(evaluate(ours), evaluate(flax_bn), **tol)
+  tree_close(evaluate(ours), evaluate(flax_bn), **tol)
 
 
-def test_cpu_conv_net_trains_the_same_network():
-  plain = models.cifar_resnet(11, 'full_preact', bottleneck=True, num_classes=3)
-  cpu = plain.clone(cpu_conv=True)
+def test_cpu_kernel_net_trains_the_same_network():
+  plain = models.cifar_resnet(11, 'full_preact', 'bottleneck', num_classes=3)
+  cpu = plain.clone(cpu_kernels=True)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   v = plain.init(jax.random.key(1), x, train=False)
   v = {k: v[k] for k in ('params', 'batch_stats')}
@@ -250,7 +250,7 @@ def test_cpu_conv_net_trains_the_same_network():
     return jax.jit(jax.value_and_grad(loss))(v['params'])
 
   with jax.default_matmul_precision('highest'):
-    chex_tree_close(grads(cpu), grads(plain), rtol=1e-4, atol=1e-5)
+    tree_close(grads(cpu), grads(plain), rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------
@@ -293,24 +293,24 @@ def _bottleneck(n, preact):
   return total + (BN(256) if preact else 0) + 256 * 10 + 10
 
 
-PINNED = {  # (depth, unit, bottleneck, shortcut): (hand count, the literal it comes to)
-    (110, 'full_preact', False, 'auto'): (_basic(18, True), 1_727_962),       # paper: 1.7M
-    (110, 'original', False, 'auto'): (_basic(18, False), 1_727_962),
-    (110, 'full_preact', False, 'projection'): (_basic(18, True, True), 1_730_522),
-    (110, 'original', False, 'projection'): (_basic(18, False, True), 1_730_714),
-    (164, 'full_preact', True, 'auto'): (_bottleneck(18, True), 1_703_258),   # paper: 1.7M
-    (164, 'original', True, 'auto'): (_bottleneck(18, False), 1_704_154),
-    (1001, 'full_preact', True, 'auto'): (_bottleneck(111, True), 10_327_706),  # paper: 10.2M
-    (1202, 'full_preact', False, 'auto'): (_basic(200, True), 19_421_274),    # paper: 19.4M
+PINNED = {  # (depth, unit, block, shortcut): (hand count, the literal it comes to)
+    (110, 'full_preact', 'basic', 'auto'): (_basic(18, True), 1_727_962),       # paper: 1.7M
+    (110, 'original', 'basic', 'auto'): (_basic(18, False), 1_727_962),
+    (110, 'full_preact', 'basic', 'projection'): (_basic(18, True, True), 1_730_522),
+    (110, 'original', 'basic', 'projection'): (_basic(18, False, True), 1_730_714),
+    (164, 'full_preact', 'bottleneck', 'auto'): (_bottleneck(18, True), 1_703_258),   # paper: 1.7M
+    (164, 'original', 'bottleneck', 'auto'): (_bottleneck(18, False), 1_704_154),
+    (1001, 'full_preact', 'bottleneck', 'auto'): (_bottleneck(111, True), 10_327_706),  # paper: 10.2M
+    (1202, 'full_preact', 'basic', 'auto'): (_basic(200, True), 19_421_274),    # paper: 19.4M
 }
 PAPER_MILLIONS = {110: 1.7, 164: 1.7, 1001: 10.2, 1202: 19.4}  # paper Table 4
 
 
-@pytest.mark.parametrize('depth,unit,bottleneck,shortcut', list(PINNED))
-def test_cifar_parameter_counts(depth, unit, bottleneck, shortcut):
-  hand, literal = PINNED[depth, unit, bottleneck, shortcut]
+@pytest.mark.parametrize('depth,unit,block,shortcut', list(PINNED))
+def test_cifar_parameter_counts(depth, unit, block, shortcut):
+  hand, literal = PINNED[depth, unit, block, shortcut]
   assert hand == literal
-  model = models.cifar_resnet(depth, unit, bottleneck=bottleneck, shortcut=shortcut)
+  model = models.cifar_resnet(depth, unit, block, shortcut=shortcut)
   got = models.count_params(models.init_shapes(model, (32, 32, 3))['params'])
   assert got == hand
   if shortcut == 'auto':  # the paper rounds (1.73M is "1.7M"); ResNet-1001 is 10.33M, "10.2M"
@@ -324,7 +324,7 @@ def test_one_layer_net_count():
   n = 36
   convs = sum(C3(a, w) + (n - 1) * C3(w, w) for a, w in ((16, 16), (16, 32), (32, 64)))
   bns = (n - 1) * BN(16) + (BN(16) + (n - 1) * BN(32)) + (BN(32) + (n - 1) * BN(64))
-  model = models.cifar_resnet(110, 'full_preact', one_layer=True)
+  model = models.cifar_resnet(110, 'full_preact', 'one_layer')
   got = models.count_params(models.init_shapes(model, (32, 32, 3))['params'])
   assert got == STEM + convs + bns + BN(64) + 64 * 10 + 10
 
@@ -348,7 +348,7 @@ def test_imagenet_parameter_counts(depth, unit):
 
 
 def test_flops_extrapolation_is_exact():
-  model = models.cifar_resnet(29, 'exclusive_gating', bottleneck=True)  # n = 3
+  model = models.cifar_resnet(29, 'exclusive_gating', 'bottleneck')  # n = 3
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   unrolled = model.clone(scan=False)
   v = jax.eval_shape(functools.partial(unrolled.init, train=False), jax.random.key(0), x)
@@ -360,11 +360,11 @@ def test_flops_extrapolation_is_exact():
 # --------------------------------------------------------------------------------------
 # Scan vs unrolled, zero-init behaviour.
 
-@pytest.mark.parametrize('unit,bottleneck', [('full_preact', True), ('original', False),
-                                             ('dropout_shortcut', False)])
-def test_scanned_and_unrolled_nets_agree(unit, bottleneck):
-  depth = 29 if bottleneck else 20
-  scanned = models.cifar_resnet(depth, unit, bottleneck=bottleneck, num_classes=5)
+@pytest.mark.parametrize('unit,block', [('full_preact', 'bottleneck'), ('original', 'basic'),
+                                        ('dropout_shortcut', 'basic')])
+def test_scanned_and_unrolled_nets_agree(unit, block):
+  depth = 29 if block == 'bottleneck' else 20
+  scanned = models.cifar_resnet(depth, unit, block, num_classes=5)
   unrolled = scanned.clone(scan=False)
   x = jax.random.normal(jax.random.key(0), (4, 12, 12, 3))
   y = jnp.arange(4) % 5
@@ -389,14 +389,8 @@ def test_scanned_and_unrolled_nets_agree(unit, bottleneck):
     np.testing.assert_allclose(es, eu, rtol=1e-5, atol=1e-6)
     return
   np.testing.assert_allclose(ys, yu, rtol=1e-5, atol=1e-6)
-  chex_tree_close(models.unscan(gs), gu)
-  chex_tree_close(models.unscan(ns), nu)
-
-
-def chex_tree_close(a, b, rtol=1e-4, atol=1e-6):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(u, w, rtol=rtol, atol=atol)
+  tree_close(models.unscan(gs), gu)
+  tree_close(models.unscan(ns), nu)
 
 
 def test_remat_changes_nothing_but_memory():
@@ -413,7 +407,7 @@ def test_remat_changes_nothing_but_memory():
     return jax.jit(jax.grad(loss))(v['params'])
 
   for scan, vs in ((True, v), (False, models.unscan(v))):
-    chex_tree_close(grads(base.clone(scan=scan, remat=True), vs),
+    tree_close(grads(base.clone(scan=scan, remat=True), vs),
                     grads(base.clone(scan=scan), vs))
 
 
@@ -458,7 +452,8 @@ def test_zero_init_last_unit_is_identity_iff_nothing_follows_the_addition(name):
 
 @pytest.mark.parametrize('call,match', [
     (lambda: models.cifar_resnet(100), r'6n\+2'),
-    (lambda: models.cifar_resnet(110, bottleneck=True, one_layer=True), 'exclude'),
+    (lambda: models.cifar_resnet(110, block='wide'), "unknown block 'wide'"),
+    (lambda: models.imagenet_resnet(50, block='basic'), 'built of bottleneck units'),
     (lambda: models.cifar_resnet(1001), r'fits: bottleneck'),
     (lambda: models.cifar_resnet(164, 'preact'), 'valid units: original'),
     (lambda: models.cifar_resnet(20, 'constant_scaling', unit_args={'lam': 1}),
@@ -475,11 +470,11 @@ def test_preact_models_json_lists_every_variant():
   out = subprocess.run([sys.executable, '-m', 'preact.cli.models', '--json',
                         '--depths=20,1001'], capture_output=True, text=True, check=True)
   rows = json.loads(out.stdout)
-  got = {(r['depth'], r['branch'], r['unit']) for r in rows}
+  got = {(r['depth'], r['block'], r['unit']) for r in rows}
   for u in units.UNITS:
     assert (1001, 'bottleneck', u) in got and (20, 'basic', u) in got
   assert (1001, 'basic', 'original') not in got  # 999 is not a multiple of 6
-  r = next(r for r in rows if (r['depth'], r['branch'], r['unit']) ==
+  r = next(r for r in rows if (r['depth'], r['block'], r['unit']) ==
            (1001, 'bottleneck', 'full_preact'))
-  assert r['params'] == PINNED[1001, 'full_preact', True, 'auto'][1]
+  assert r['params'] == PINNED[1001, 'full_preact', 'bottleneck', 'auto'][1]
   assert r['flops'] > 2.5e9

@@ -11,35 +11,10 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from preact import checkpoint, config as config_lib, models, train
+from preact import config as config_lib, models, train
 from preact.errors import UserError
 
-
-def tiny_config(**overrides):
-  c = config_lib.base()
-  c.dataset = 'cifar10'
-  c.model.depth, c.model.bottleneck = 8, False
-  c.batch_size, c.eval_batch_size = 16, 16
-  c.total_steps = 3
-  c.checkpoint_every = c.eval_every = c.log_every = 1000
-  c.optimizer.schedule, c.optimizer.warmup_steps = 'cosine', 0
-  c.progress = 'log'
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def params_of(workdir):
-  """The saved state of a run's latest checkpoint, as numpy arrays."""
-  ck = checkpoint.Checkpoints(workdir)
-  try:
-    return ck.restore_arrays()
-  finally:
-    ck.close()
+from conftest import params_of, tiny_config
 
 
 # --------------------------------------------------------------------------------------
@@ -140,7 +115,7 @@ def test_checkpoint_from_8_devices_restores_and_resumes_on_1(tmp_path):
 def test_evaluation_counts_every_test_example_once(tmp_path):
   c = tiny_config(total_steps=1, eval_batch_size=32)  # 48 = 32 + 16 padded
   with tfds.testing.mock_data(num_examples=48):
-    run = train.Run(c, tmp_path)
+    run = train.Run(config_lib.validate(c), tmp_path)
     state = run.init_state()
     result = run.evaluate(state)
     assert result['examples'] == 48
@@ -173,7 +148,7 @@ def test_bf16_computation_keeps_fp32_parameters(tmp_path):
   c = tiny_config(total_steps=1)
   c.model.dtype = 'bfloat16'
   with tfds.testing.mock_data(num_examples=48):
-    run = train.Run(c, tmp_path)
+    run = train.Run(config_lib.validate(c), tmp_path)
     state = run.init_state()
     new, metrics = run.train_step(state, run.replicas.put_batch(run.train_data.batch(0)))
   assert {a.dtype for a in jax.tree.leaves(new.params)} == {jnp.dtype('float32')}
@@ -190,7 +165,7 @@ def test_bf16_computation_keeps_fp32_parameters(tmp_path):
     ({'model.depth': 100}, r'depth 100 does not fit basic units: need 6n\+2'),
     ({'batch_size': 12}, 'batch_size 12 is not divisible by the 8 devices'),
     ({'model.unit': 'dropout_shortcut', 'model.unit_args.rate': 1.0}, r'\[0, 1\)'),
-    ({'model.unit_args.bias': -3.0}, "unit 'full_preact' has no argument"),
+    ({'model.unit_args.bias': -3.0}, "unit 'full_preact': no argument"),
     ({'model.remat': 'yes'}, "model.remat='yes' is not one of: auto, on, off"),
 ])
 def test_bad_configs_are_user_errors(tmp_path, overrides, match):
@@ -215,6 +190,23 @@ def test_configs_saved_with_a_boolean_remat_still_load_and_resume():
   assert config_lib.differences(d, now) == []
   assert config_lib.differences(d, tiny_config().to_dict()) == [
       "model.remat: 'on' → 'auto'"]
+
+
+@pytest.mark.parametrize('bottleneck,one_layer,block', [
+    (True, False, 'bottleneck'), (False, False, 'basic'), (False, True, 'one_layer')])
+def test_records_of_older_versions_read_as_this_schema(bottleneck, one_layer, block):
+  """Records that spelled the block as two booleans and the CPU kernels as cpu_conv read,
+  compare and resume as the same run."""
+  d = tiny_config(**{'model.block': block, 'model.cpu_kernels': 'off'}).to_dict()
+  old = json.loads(json.dumps(d))
+  del old['model']['block'], old['model']['cpu_kernels']
+  old['model'].update(bottleneck=bottleneck, one_layer=one_layer, cpu_conv='off')
+  c = config_lib.from_dict(old, source='config.json')
+  assert (c.model.block, c.model.cpu_kernels) == (block, 'off')
+  assert config_lib.differences(old, d) == []
+  assert config_lib.differences(old, tiny_config(**{'model.block': 'bottleneck'}).to_dict()) \
+      == ([] if block == 'bottleneck' else [f"model.block: '{block}' → 'bottleneck'"]) + \
+      ["model.cpu_kernels: 'off' → 'auto'"]
 
 
 def test_unknown_config_key_is_a_user_error(tmp_path):

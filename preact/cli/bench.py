@@ -1,7 +1,7 @@
 """preact-bench: the train step's speed, memory and MFU, beside PyTorch; no TensorFlow.
 
-  preact-bench --depth=164 --bottleneck --batch=128 --dtype=float32 --json
-  preact-bench --depth=164 --bottleneck --torch        # + the PyTorch reference, ratio
+  preact-bench --depth=164 --block=bottleneck --batch=128 --dtype=float32 --json
+  preact-bench --depth=164 --torch                     # + the PyTorch reference, ratio
   preact-bench --mode=compile                          # ResNet-164 vs ResNet-1001 compile
   preact-bench --mode=sweep                            # depths × scan, remat memory
   preact-bench --mode=pipeline                         # input pipeline vs train step
@@ -21,15 +21,16 @@ _MODE = flags.DEFINE_enum('mode', 'step', ['step', 'compile', 'sweep', 'pipeline
                                             'profile'],
                           'What to measure.')
 _DEPTH = flags.DEFINE_integer('depth', 164, 'CIFAR depth.')
-_BOTTLENECK = flags.DEFINE_bool('bottleneck', True, 'Bottleneck units.')
+_BLOCK = flags.DEFINE_string('block', 'bottleneck', 'basic | bottleneck | one_layer '
+                             '(preact.units.BLOCKS).')
 _UNIT = flags.DEFINE_string('unit', 'full_preact', 'Unit variant.')
 _BATCH = flags.DEFINE_integer('batch', 128, 'Global batch.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Computation dtype.')
 _SCAN = flags.DEFINE_bool('scan', True, 'Scan identical units.')
 _REMAT = flags.DEFINE_enum('remat', 'auto', ['auto', 'on', 'off'],
                            'Rematerialize units (auto: on for CPU from depth 56).')
-_CPU_CONV = flags.DEFINE_enum('cpu_conv', 'auto', ['auto', 'on', 'off'],
-                              'XLA:CPU conv and BN formulations.')
+_CPU_KERNELS = flags.DEFINE_enum('cpu_kernels', 'auto', ['auto', 'on', 'off'],
+                                 'XLA:CPU conv and BN formulations (auto: on for CPU).')
 _PAR = flags.DEFINE_enum('parallelism', 'none', ['none', 'pmap', 'shard_map'],
                          'none: one device, the step alone.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (median).')
@@ -53,14 +54,12 @@ def main(argv):
   print(json.dumps(out) if _JSON.value else _table(out), flush=True)
 
 
-def _model(bench, depth=None, bottleneck=None, **kw):
-  depth = depth or _DEPTH.value
-  bottleneck = _BOTTLENECK.value if bottleneck is None else bottleneck
+def _model(bench, depth=None, block=None, **kw):
   args = dict(unit=_UNIT.value, dtype=_DTYPE.value, scan=_SCAN.value, remat=_REMAT.value,
-              cpu_conv=_CPU_CONV.value)
+              cpu_kernels=_CPU_KERNELS.value)
   args.update(kw)
   try:
-    return bench.build_model(depth, bottleneck, **args)
+    return bench.cifar_model(depth or _DEPTH.value, block or _BLOCK.value, **args)
   except common.UserError:
     raise
   except ValueError as e:
@@ -90,7 +89,7 @@ def _step(bench):
 def _torch(bench, model, steps=None, **kw):
   """The PyTorch reference of this network (its parameter count asserted equal)."""
   params = bench.models.count_params(bench.models.init_shapes(model, (32, 32, 3))['params'])
-  ref = bench.torch_reference(_DEPTH.value, _BOTTLENECK.value, _UNIT.value, _BATCH.value,
+  ref = bench.torch_reference(_DEPTH.value, _BLOCK.value, _UNIT.value, _BATCH.value,
                               steps=steps or _STEPS.value, expect_params=params,
                               dtype=_DTYPE.value, **kw)
   if ref is None:
@@ -100,7 +99,7 @@ def _torch(bench, model, steps=None, **kw):
 
 def _compile(bench):
   depths = [int(d) for d in (_DEPTHS.value or [164, 1001])]
-  times = bench.compile_times(depths, _BOTTLENECK.value, _BATCH.value, _DTYPE.value,
+  times = bench.compile_times(depths, _BLOCK.value, _BATCH.value, _DTYPE.value,
                               _SCAN.value, _REMAT.value)
   out = {'compile_s': {str(d): t for d, t in times.items()}, 'scan': _SCAN.value}
   if len(depths) == 2:
@@ -109,24 +108,24 @@ def _compile(bench):
 
 
 def _sweep(bench):
-  from preact.paper import bottleneck as paper_bottleneck
+  from preact import paper
   depths = [int(d) for d in (_DEPTHS.value or [20, 56, 110, 164, 1001])]
   rows = []
   for depth in depths:
-    bottleneck = paper_bottleneck(depth)
+    block = paper.block(depth)
     for scan in (True, False):
       if not scan and depth > 164:
         continue  # unrolled 1001 compiles for many minutes; that is the point of scan
       # Without remat ResNet-1001's activations outgrow a small host: plan, don't run.
       steps = 0 if depth > 164 else max(2, _STEPS.value // 3)
-      r = bench.bench_train(_model(bench, depth, bottleneck, scan=scan, remat='off'),
+      r = bench.bench_train(_model(bench, depth, block, scan=scan, remat='off'),
                             _BATCH.value, steps=steps, warmup=1)
-      rows.append(dict(depth=depth, bottleneck=bottleneck, scan=scan, remat=False,
+      rows.append(dict(depth=depth, block=block, scan=scan, remat=False,
                        compile_s=r['compile_s'], step_ms=r['step_ms'] if steps else None,
                        peak_mem_gb=r['peak_mem_gb']))
-    r = bench.bench_train(_model(bench, depth, bottleneck, scan=True, remat='on'),
+    r = bench.bench_train(_model(bench, depth, block, scan=True, remat='on'),
                           _BATCH.value, steps=max(2, _STEPS.value // 3), warmup=1)
-    rows.append(dict(depth=depth, bottleneck=bottleneck, scan=True, remat=True,
+    rows.append(dict(depth=depth, block=block, scan=True, remat=True,
                      compile_s=r['compile_s'], step_ms=r['step_ms'],
                      peak_mem_gb=r['peak_mem_gb'], rss_gb=r['rss_gb']))
   return {'sweep': rows}
@@ -149,7 +148,7 @@ def _pipeline(bench):
 
 
 def _ops(bench):
-  rows = bench.conv_profile(_DEPTH.value, _BOTTLENECK.value, _BATCH.value, _STEPS.value // 2 or 1)
+  rows = bench.conv_profile(_DEPTH.value, _BLOCK.value, _BATCH.value, _STEPS.value // 2 or 1)
   totals = {k: sum(r[k] * r['count'] for r in rows) for k in rows[0]
             if k.endswith('_ms')}
   return {'convs': rows, 'total_ms': totals}

@@ -12,7 +12,7 @@ from absl import app, flags
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow only feeds TFDS here
 
-from preact.errors import UserError, exit_on_user_error
+from preact.errors import UserError, one_line
 
 _COORDINATOR = None
 
@@ -49,16 +49,19 @@ def init_distributed(from_config: bool):
 
 
 def main(tool: str):
-  """Decorates an absl main: UserError → one line and exit 2; quiets JAX's noise."""
+  """Decorates an absl main: the one place a UserError from the library becomes one
+  line on stderr and exit status 2; quiets JAX's noise."""
   def wrap(fn):
-    inner = exit_on_user_error(tool)(fn)
-
     def run_main(argv):
       # JAX logs at INFO that it found no TPU, orbax every step of every save: no news.
       for name in ('jax._src.xla_bridge', 'absl'):
         py_logging.getLogger(name).setLevel(py_logging.WARNING)
       py_logging.getLogger('preact').setLevel(py_logging.INFO)
-      return inner(argv)
+      try:
+        return fn(argv)
+      except UserError as e:
+        print(f'{tool}: error: {e}', file=sys.stderr, flush=True)
+        sys.exit(2)
     run_main.tool = tool
     return run_main
   return wrap
@@ -70,26 +73,18 @@ def no_arguments(argv):
     raise UserError(f'unexpected arguments {" ".join(argv[1:])} (flags start with --)')
 
 
-def one_line(e: BaseException) -> str:
-  text = str(e).replace("\\'", "'").replace('\\n', ' ').replace('\n', ' ').strip(' "')
-  text = re.sub(r"^'+([^']*)'+", r'\1', text).rstrip("'")  # KeyError's quoting
-  return ' '.join(text.split()) or e.__class__.__name__
-
-
 def load_config(holder):
-  """The --config flag's value; a config file that fails to load is a UserError."""
-  try:
-    config = holder.value
-    if config is not None:
-      config.get('dataset')  # the file is loaded lazily; surface its errors here
-  except Exception as e:  # noqa: BLE001 — anything a config file raises
-    path = _config_path(sys.argv) or '--config'
-    raise UserError(f'cannot load --config: {config_error(e, path)}') from None
-  return config
+  """The --config flag's value (its file has loaded once already: :func:`run`)."""
+  return holder.value
+
+
+_HAS_CONFIG_FLAG = False
 
 
 def config_flag(help_text: str):
+  global _HAS_CONFIG_FLAG
   from ml_collections import config_flags
+  _HAS_CONFIG_FLAG = True
   return config_flags.DEFINE_config_file('config', None, help_text, lock_config=True)
 
 
@@ -107,76 +102,83 @@ def default_config():
 
 
 # Exceptions that mean the config file's own code is wrong: report where.
-_CODE_ERRORS = {'SyntaxError', 'NameError', 'ImportError', 'ModuleNotFoundError',
-                'AttributeError', 'TypeError', 'KeyError', 'IndexError', 'ZeroDivisionError',
-                'UnboundLocalError'}
+_CODE_ERRORS = (SyntaxError, NameError, ImportError, AttributeError, TypeError, KeyError,
+                IndexError, ZeroDivisionError)
 
 
-def _config_path(argv) -> str | None:
-  for a in argv:
+def _config_spec(argv) -> str | None:
+  """The --config flag's value; as for any absl flag, the last one given counts."""
+  spec = None
+  for i, a in enumerate(argv):
     if a.startswith('--config='):
-      return a.split('=', 1)[1].split(':', 1)[0]
-  return None
+      spec = a.split('=', 1)[1]
+    elif a == '--config' and i + 1 < len(argv):
+      spec = argv[i + 1]
+  return spec
 
 
-def config_error(e: BaseException, path: str) -> str:
-  """One line for a config file that failed to load: the file and line for a fault in
-  its code, the message alone for a deliberate error (a bad row, a bad value)."""
-  if isinstance(e, SyntaxError) and e.filename:
+def _fault(e: BaseException, path: str) -> str:
+  """One line for an exception out of a config file: its file and line for a fault in
+  the file's own code, the message alone for a deliberate error (a bad row, a value)."""
+  if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == path:
     return f'{e.filename}:{e.lineno}: SyntaxError: {e.msg}'
-  text = str(e)
-  if isinstance(e, FileNotFoundError) or 'No such file or directory' in text:
-    return f'no such config file {path}'
-  if 'get_config' in text and ('has no attribute' in text or 'AttributeError' in text):
-    return f'{path} defines no get_config(); a config file returns its ConfigDict from it'
-  target = os.path.abspath(path)
-  if 'Traceback' in text:  # ml_collections passes get_config's exception on as text
-    last = [l.strip() for l in text.strip().splitlines() if l.strip()][-1]
-    kind, _, message = last.partition(': ')
-    frames = re.findall(r'File "([^"]+)", line (\d+)', text)
-  else:
-    kind, message = e.__class__.__name__, one_line(e)
-    frames = [(f.f_code.co_filename, line) for f, line in traceback.walk_tb(e.__traceback__)]
-  where = [f'{f}:{line}' for f, line in frames if os.path.abspath(f) == target]
-  raised_there = frames and os.path.abspath(frames[-1][0]) == target
-  if where and (raised_there or kind.split('.')[-1] in _CODE_ERRORS):
-    return f'{where[-1]}: {kind}: {message}'
-  return message or kind  # raised on purpose deeper down (a bad row): its message says it
+  frames = [(f.f_code.co_filename, line) for f, line in traceback.walk_tb(e.__traceback__)]
+  here = [line for f, line in frames if os.path.abspath(f) == path]
+  if here and (os.path.abspath(frames[-1][0]) == path or isinstance(e, _CODE_ERRORS)):
+    return f'{path}:{here[-1]}: {e.__class__.__name__}: {one_line(e)}'
+  return one_line(e)
+
+
+def preload_config(spec: str):
+  """Loads ``--config=FILE[:ARG]`` as ml_collections will, so that a file that fails
+  gets one line naming the file, the line and the error, from the real exception."""
+  import importlib.util
+  path, _, arg = spec.partition(':')
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise UserError(f'cannot load --config: no such config file {path}')
+  try:
+    loader = importlib.util.spec_from_file_location('preact_config_check', path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 — a config file may raise anything
+    raise UserError(f'cannot load --config: {_fault(e, path)}') from None
+  if not callable(getattr(module, 'get_config', None)):
+    raise UserError(f'cannot load --config: {path} defines no get_config(); a config file '
+                    'returns its ConfigDict from it')
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # noqa: BLE001
+    raise UserError(f'cannot load --config: {_fault(e, path)}') from None
+
+
+def check_overrides(config, argv):
+  """Every --config.a.b=… names a key of the config."""
+  import difflib
+  from preact import config as config_lib
+  known = config_lib.flatten(config)
+  for a in argv:
+    m = re.match(r'^--(?:no)?config\.([^=]+)', a)
+    if m and m.group(1) not in known and not any(k.startswith(m.group(1) + '.')
+                                                 for k in known):
+      close = difflib.get_close_matches(m.group(1), known, n=1)
+      hint = f' (did you mean --config.{close[0]}?)' if close else ''
+      raise UserError(f'unknown config key in --config.{m.group(1)}{hint}')
 
 
 def run(main_fn):
-  """app.run, but flag errors (a config file that does not load, an unknown
-  --config.key, a bad value) exit 2 with one line."""
+  """app.run, but a bad flag (a config file that does not load, an unknown --config.key,
+  a bad value) exits 2 with one line."""
   tool = getattr(main_fn, 'tool', os.path.basename(sys.argv[0]))
 
   def parse(argv):
     try:
+      spec = _config_spec(argv) if _HAS_CONFIG_FLAG else None
+      if spec:
+        check_overrides(preload_config(spec), argv)
       return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 — a config file may raise anything
-      path = _config_path(argv)
-      cause = e.__context__ if isinstance(e, flags.Error) and e.__context__ else e
-      if path and _loading_config(e, cause):
-        text = f'cannot load --config: {config_error(cause, path)}'
-      elif isinstance(cause, (AttributeError, KeyError)):
-        # ml_collections reports an unknown --config.key this way, naming the key.
-        name = re.search(r"'([^']+)'", str(cause).replace("\\'", "'"))
-        bad = next((a.split('=')[0] for a in argv if a.startswith('--config.') and name
-                    and a.split('=')[0].endswith('.' + name.group(1))), '--config.…')
-        text = f'unknown config key in {bad}: {one_line(cause)}'
-      else:
-        text = one_line(e)
-      print(f'{tool}: error: {text}', file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001
+      print(f'{tool}: error: {one_line(e)}', file=sys.stderr, flush=True)
       sys.exit(2)
 
   app.run(main_fn, flags_parser=parse)
-
-
-def _loading_config(e: BaseException, cause: BaseException) -> bool:
-  """Whether the error came from loading the --config file rather than a --config.key."""
-  text = f'{e} {cause}'
-  if isinstance(cause, (SyntaxError, ImportError, NameError, OSError)):
-    return True
-  if any(k in text for k in ('get_config', 'Failed loading config file', 'Traceback')):
-    return True
-  names = {f.f_code.co_name for f, _ in traceback.walk_tb(cause.__traceback__)}
-  return '<module>' in names

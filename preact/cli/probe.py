@@ -16,17 +16,14 @@ from absl import flags
 
 from preact.cli import common
 
-DEFAULT_UNITS = ('original', 'bn_after_addition', 'relu_before_addition',
-                 'relu_only_preact', 'full_preact', 'constant_scaling', 'exclusive_gating',
-                 'shortcut_only_gating', 'conv_shortcut', 'dropout_shortcut')
-
 _CONFIG = common.config_flag('Data and model settings (default: the embedded default).')
 _WORKDIR = flags.DEFINE_string('workdir', None, "Probe this run's latest checkpoint on its "
                                'own data (its unit and depth).')
-_UNITS = flags.DEFINE_list('units', list(DEFAULT_UNITS), 'Unit variants to probe.')
+_UNITS = flags.DEFINE_list('units', None, 'Unit variants to probe (default: every '
+                           'registered unit, preact.units.UNITS).')
 _DEPTH = flags.DEFINE_list('depth', ['110', '164'], 'CIFAR-style depths.')
-_BOTTLENECK = flags.DEFINE_bool('bottleneck', None, 'Bottleneck units (default: the '
-                                "paper's choice per depth: 164 and 1001 bottleneck).")
+_BLOCK = flags.DEFINE_enum('block', 'auto', ['auto', 'basic', 'bottleneck', 'one_layer'],
+                           "auto: the paper's block per depth (164 and 1001 bottleneck).")
 _ZERO = flags.DEFINE_bool('zero_init_last', False, 'Zero the last layer of every branch.')
 _BATCH = flags.DEFINE_integer('batch', 32, 'Examples in the probed batch.')
 _BN = flags.DEFINE_enum('bn', 'auto', ['auto', 'train', 'eval'], 'BN statistics: batch '
@@ -43,7 +40,7 @@ def main(argv):
   if _BATCH.value < 1:
     raise common.UserError(f'--batch must be positive, got {_BATCH.value}')
   from etils import epath
-  from preact import plots, probes
+  from preact import plots, probes, units
   t0 = time.time()
   if _WORKDIR.value:
     results = [probes.probe_checkpoint(_WORKDIR.value, _BATCH.value, _BN.value)]
@@ -52,8 +49,8 @@ def main(argv):
     config = common.load_config(_CONFIG) or common.default_config()
     depths = _parse_depths(_DEPTH.value)
     results, identity = probes.probe_variants(
-        config, _UNITS.value, depths, _BOTTLENECK.value, _ZERO.value, _BATCH.value,
-        _BN.value, _SEED.value, progress=True)
+        config, _UNITS.value or list(units.UNITS), depths, _BLOCK.value, _ZERO.value,
+        _BATCH.value, _BN.value, _SEED.value, progress=True)
   out = epath.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   doc = {'probes': [r.to_json() for r in results]}

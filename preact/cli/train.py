@@ -10,12 +10,10 @@ from __future__ import annotations
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from preact.cli import common
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
+_CONFIG = common.config_flag('Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the run lives (local or gs://).')
 common.define_distributed_flags()
 
