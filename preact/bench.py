@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from preact import config as config_lib, models, parallel, train
+from preact import config as config_lib, models, parallel, step as step_lib
 
 
 def cifar_model(depth=164, block='bottleneck', unit='full_preact', dtype='float32',
@@ -33,8 +33,8 @@ def cifar_model(depth=164, block='bottleneck', unit='full_preact', dtype='float3
 def _train_step(model, channels: int):
   """The paper's optimizer (base config, 64k-step schedule) and the real per-replica
   train step, with a fixed input normalization."""
-  tx = train.make_optimizer(config_lib.base().optimizer, 64_000)
-  return tx, train.make_train_step(model, tx, [120.0] * channels, [64.0] * channels, seed=0)
+  tx = step_lib.make_optimizer(config_lib.base().optimizer, 64_000)
+  return tx, step_lib.make_train_step(model, tx, [120.0] * channels, [64.0] * channels, seed=0)
 
 
 def _median_time(fn, steps):
@@ -75,7 +75,7 @@ def _compiled_step(model, batch, image_shape, parallelism='none'):
     replicas = parallel.Replicas('shard_map', jax.devices()[:1])
   else:
     replicas = parallel.Replicas(parallelism)
-  state = train.init_state(model, tx, 0, image_shape, replicas.replicated)
+  state = step_lib.init_state(model, tx, 0, image_shape, replicas.replicated)
   data = replicas.put_batch(host)
   t = time.perf_counter()
   compiled = replicas.map(step).lower(state, data).compile()
@@ -143,7 +143,7 @@ def compile_times(depths=(164, 1001), block='bottleneck', batch=128, dtype='floa
     model = cifar_model(depth, block, dtype=dtype, scan=scan, remat=remat)
     tx, step = _train_step(model, 3)
     replicas = parallel.Replicas('shard_map', jax.devices()[:1])
-    state = jax.eval_shape(lambda m=model: train.init_state(m, tx, 0, (32, 32, 3)))
+    state = jax.eval_shape(lambda m=model: step_lib.init_state(m, tx, 0, (32, 32, 3)))
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                         sharding=replicas.replicated), state)
     data = {'image': jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.uint8,

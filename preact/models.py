@@ -245,11 +245,6 @@ def count_params(tree) -> int:
   return int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
 
 
-def forward_flops(model: ResNet, image_shape: Sequence[int]) -> float:
-  """Forward FLOPs per image in eval mode, from XLA's cost analysis."""
-  return size_and_flops(model, image_shape)[1]
-
-
 def size_and_flops(model: ResNet, image_shape: Sequence[int]) -> tuple[int, float]:
   """(parameter count, forward FLOPs per image in eval mode), FLOPs from XLA.
 
@@ -295,21 +290,6 @@ def unscan(tree: dict) -> dict:
     n = jax.tree.leaves(sub)[0].shape[0]
     for j in range(n):
       out[f'{m.group(1)}_unit{j + 2}'] = jax.tree.map(lambda a, j=j: a[j], sub)
-  return out
-
-
-def scan_tree(tree: dict) -> dict:
-  """The inverse of :func:`unscan`: stacks ``stageS_unit2…`` into ``stageS_rest``."""
-  out, rest = {}, {}
-  for name, sub in tree.items():
-    m = re.match(r'^(stage\d+)_unit(\d+)$', name)
-    if m and int(m.group(2)) > 1:
-      rest.setdefault(m.group(1), {})[int(m.group(2))] = sub
-    else:
-      out[name] = scan_tree(sub) if isinstance(sub, dict) else sub
-  for stage, units in rest.items():
-    subs = [units[j] for j in sorted(units)]
-    out[f'{stage}_rest'] = jax.tree.map(lambda *a: jnp.stack(a), *subs)
   return out
 
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import REPO, run_cli
-from preact import config as config_lib, launchers, models, report, train, units
+from preact import config as config_lib, launchers, models, report, step as step_lib, train, units
 from preact.errors import UserError
 
 TABLES = ('table1', 'table2', 'table3', 'table4', 'table5')
@@ -91,7 +91,7 @@ def test_every_cifar_row_warms_up_and_imagenet_rows_do_not(table, arg):
     assert o.warmup_steps == 0
   else:
     assert (o.warmup_steps, o.warmup_lr, o.lr) == (400, 0.01, 0.1)
-    schedule = train.make_schedule(o, c.total_steps)
+    schedule = step_lib.make_schedule(o, c.total_steps)
     assert float(schedule(0)) == float(schedule(399)) == pytest.approx(0.01)
     assert float(schedule(400)) == pytest.approx(0.1)
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from preact import config as config_lib, models, train
+from preact import config as config_lib, models, step as step_lib, train
 from preact.errors import UserError
 
 from conftest import params_of, tiny_config
@@ -23,13 +23,13 @@ from conftest import params_of, tiny_config
 def test_step_schedule_with_warmup_matches_the_paper():
   o = config_lib.base().optimizer
   assert (o.warmup_steps, o.warmup_lr) == (400, 0.01)  # the paper's, as the default
-  s = train.make_schedule(o, 64_000)
+  s = step_lib.make_schedule(o, 64_000)
   assert float(s(0)) == pytest.approx(0.01) and float(s(399)) == pytest.approx(0.01)
   assert float(s(400)) == pytest.approx(0.1) and float(s(31_999)) == pytest.approx(0.1)
   assert float(s(32_000)) == pytest.approx(0.01) and float(s(47_999)) == pytest.approx(0.01)
   assert float(s(48_000)) == pytest.approx(0.001) and float(s(63_999)) == pytest.approx(0.001)
   o.warmup_steps = 0
-  s = train.make_schedule(o, 64_000)
+  s = step_lib.make_schedule(o, 64_000)
   assert float(s(0)) == pytest.approx(0.1) and float(s(32_000)) == pytest.approx(0.01)
 
 
@@ -37,7 +37,7 @@ def test_step_schedule_with_warmup_matches_the_paper():
 def test_sgd_matches_torch_sgd_with_coupled_weight_decay(decay, nesterov):
   o = config_lib.base().optimizer
   o.decay, o.nesterov, o.schedule, o.warmup_steps = decay, nesterov, 'step', 0
-  tx = train.make_optimizer(o, 100)
+  tx = step_lib.make_optimizer(o, 100)
   params = {'conv': {'kernel': jnp.array([1.0, -2.0])}, 'bn': {'scale': jnp.array([0.5])}}
   grads = [{'conv': {'kernel': jnp.array([0.3, 0.1])}, 'bn': {'scale': jnp.array([-0.2])}},
            {'conv': {'kernel': jnp.array([-0.1, 0.4])}, 'bn': {'scale': jnp.array([0.05])}}]
@@ -125,7 +125,7 @@ def test_evaluation_counts_every_test_example_once(tmp_path):
   x = data.normalize(images, run.mean, run.std, jnp.float32)
   logits = run.model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
                            train=False)
-  want_loss = float(train.cross_entropy(logits, labels).mean())
+  want_loss = float(step_lib.cross_entropy(logits, labels).mean())
   want_error = float(np.mean(np.argmax(logits, -1) != labels))
   assert result['loss'] == pytest.approx(want_loss, rel=1e-5)
   assert result['error'] == pytest.approx(want_error)
