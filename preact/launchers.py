@@ -82,22 +82,44 @@ def gpu_host_commands(config: str, workdir: str, host: str = '', gpus: str = '',
 
 def slurm_script(config: str, workdir: str, nodes: int, gpus_per_node: int,
                  extra: Sequence[str] = (), time: str = '48:00:00', partition: str = '',
-                 job_name: str = 'preact', repo_dir: str = '.') -> str:
-  """An sbatch script: one task per node, each over its node's GPUs; jax.distributed
-  reads the job layout from SLURM's environment."""
+                 job_name: str = 'preact', repo_dir: str = '.', notice_s: int = 180) -> str:
+  """An sbatch script: one task per GPU on every node, requeued at its time limit.
+
+  One task per GPU because that is the layout JAX's SLURM detection assumes: under
+  SLURM, ``jax.distributed.initialize()`` gives each process the GPU numbered by its
+  ``SLURM_LOCALID`` (``local_device_ids``), so one task per node would train on one GPU
+  of each node (jax-ml/jax#16788). Every task sees all its node's GPUs (no
+  ``--gpus-per-task``, which would renumber each task's GPU as 0).
+
+  ``notice_s`` seconds before the time limit SLURM signals the batch shell (USR1), which
+  passes SIGTERM to the tasks: all of them stop at the same step, save one checkpoint
+  and exit 143; the script then requeues the job, which resumes from that checkpoint.
+  """
+  train = train_args(config, workdir, extra, distributed=nodes * gpus_per_node > 1)
   lines = ['#!/bin/bash',
            f'#SBATCH --job-name={job_name}',
            f'#SBATCH --nodes={nodes}',
-           '#SBATCH --ntasks-per-node=1',
+           f'#SBATCH --ntasks-per-node={gpus_per_node}  # one task per GPU: JAX takes GPU '
+           'SLURM_LOCALID',
            f'#SBATCH --gpus-per-node={gpus_per_node}',
            f'#SBATCH --time={time}',
            '#SBATCH --output=%x-%j.out',
-           '#SBATCH --signal=TERM@120  # preemption: preact-train saves on SIGTERM',
+           f'#SBATCH --signal=B:USR1@{notice_s}  # to this script, before the time limit',
            '#SBATCH --requeue']
   if partition:
     lines.append(f'#SBATCH --partition={partition}')
-  lines += ['set -euo pipefail', f'cd {shlex.quote(repo_dir)}',
-            'srun ' + _join(train_args(config, workdir, extra, distributed=nodes > 1)), '']
+  lines += ['set -u', f'cd {shlex.quote(repo_dir)}',
+            'requeue() {',
+            '  echo "time limit near: saving a checkpoint, then requeueing" >&2',
+            '  scancel --signal=TERM "$SLURM_JOB_ID"  # every task of the step, not this shell',
+            '  wait "$train"',
+            '  scontrol requeue "$SLURM_JOB_ID"',
+            '  exit 0',
+            '}',
+            'trap requeue USR1',
+            'srun ' + _join(train) + ' &',
+            'train=$!',
+            'wait "$train"', '']
   return '\n'.join(lines)
 
 

@@ -172,9 +172,12 @@ class Lock:
 
 
 class Signals:
-  """SIGTERM (preemption) and SIGINT (Ctrl-C) become a status the loop reads once a
-  step: the run then saves at the step it reached and ends, with no traceback."""
-  STATUS = {signal.SIGTERM: 'preempted', signal.SIGINT: 'interrupted'}
+  """SIGTERM (preemption), SIGUSR1 (a scheduler's notice before its time limit, as
+  SLURM's ``--signal=USR1@…`` sends it) and SIGINT (Ctrl-C) become a status the loop
+  reads once a step: the run then saves at the step it reached and ends, with no
+  traceback."""
+  STATUS = {signal.SIGTERM: 'preempted', signal.SIGUSR1: 'preempted',
+            signal.SIGINT: 'interrupted'}
 
   def __init__(self):
     self.status, self.name, self._previous = None, '', {}

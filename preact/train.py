@@ -166,7 +166,7 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
       state, metrics = run.train_step(state, next(batches))
       step += 1
       pending.append(metrics)
-      stop = signals.status  # read once: a signal arriving later counts from the next step
+      stop = _stop_requested(signals, step)
       write_row = step % config.log_every == 0 or step == total
       save = step % config.checkpoint_every == 0 or step == total or stop
       if (write_row or save) and _diverged(state, step, pending, outcome, writer):
@@ -185,7 +185,8 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
       if save and not _saved(run, ckpts, state, step, outcome):
         break
       if stop:
-        outcome.update(status=stop, reason=f'{signals.name}; checkpoint saved at step {step}')
+        outcome.update(status=stop, reason=f'{signals.name or "a signal to another process"}'
+                                           f'; checkpoint saved at step {step}')
         break
     if outcome['status'] not in ('diverged', 'failed'):
       outcome['step'] = step
@@ -199,6 +200,26 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
       outcome.update(status='failed', reason=f'saving a checkpoint failed: {e}')
     writer.close()
   return outcome
+
+
+# With several processes a signal reaches one of them (a preempted host, a Ctrl-C), but
+# all must stop at the same step: one that went on would wait forever in the next
+# collective. Every this many steps they agree, by a tiny all-gather, on whether any
+# was signalled.
+STOP_CHECK_EVERY = 10
+
+
+def _stop_requested(signals: runrecord.Signals, step: int) -> str | None:
+  """The status to stop with after this step ('preempted', 'interrupted') or None;
+  read once per step, so a signal arriving later counts from the next step."""
+  if jax.process_count() == 1:
+    return signals.status
+  if step % STOP_CHECK_EVERY:
+    return None
+  from jax.experimental import multihost_utils
+  order = [None, 'interrupted', 'preempted']  # preemption wins: a scheduler requeues it
+  mine = np.int32(order.index(signals.status))
+  return order[int(np.max(multihost_utils.process_allgather(mine)))]
 
 
 def _diverged(state: TrainState, step: int, pending: list, outcome: dict, writer) -> bool:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, cli_env, params_of, run_cli
+from preact import train
 
 TINY = ['--config=experiments/fashion_mnist.py', '--config.model.depth=8',
         '--config.batch_size=32', '--config.total_steps=12', '--config.checkpoint_every=3',
@@ -154,6 +155,50 @@ def test_two_processes_train_like_one_process(tmp_path, fmnist_dir):
   # Only process 0 wrote the logs.
   rows = (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()
   assert [json.loads(r)['step'] for r in rows] == [1, 2, 3]
+
+
+def _two_processes(workdir, fmnist_dir, *extra):
+  port = _free_port()
+  return [subprocess.Popen(
+      [sys.executable, '-m', 'preact.cli.train', *tiny(workdir, fmnist_dir, *extra),
+       f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=REPO, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+
+
+def _finish(procs, timeout=600):
+  for p in procs:
+    _, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err[-3000:]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, fmnist_dir):
+  """A preempted host must not leave the others waiting in a collective: both processes
+  stop at the same step, save one checkpoint and exit 143; resumed, the run ends where
+  an uninterrupted one does, bit for bit."""
+  steps = ['--config.total_steps=100', '--config.log_every=1',
+           '--config.checkpoint_every=1000', '--config.eval_every=1000']
+  procs = _two_processes(tmp_path / 'cut', fmnist_dir, *steps)
+  deadline = time.time() + 300
+  while not (tmp_path / 'cut' / 'metrics.jsonl').exists() and time.time() < deadline:
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGTERM)  # process 1 only
+  signalled = time.time()
+  for p in procs:
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err[-3000:]
+  assert time.time() - signalled < 60
+  outcome = json.loads((tmp_path / 'cut' / 'outcome.json').read_text())
+  assert outcome['status'] == 'preempted' and 0 < outcome['step'] < 100
+  assert outcome['step'] % train.STOP_CHECK_EVERY == 0
+  assert int(params_of(tmp_path / 'cut')['step']) == outcome['step']
+
+  _finish(_two_processes(tmp_path / 'cut', fmnist_dir, *steps))
+  _finish(_two_processes(tmp_path / 'whole', fmnist_dir, *steps))
+  resumed, whole = params_of(tmp_path / 'cut'), params_of(tmp_path / 'whole')
+  assert int(resumed['step']) == 100
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize('tool,args,match', [

@@ -3,8 +3,10 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -281,8 +283,15 @@ def test_launch_scripts_dry_run_print_the_commands():
   out = script('slurm.py', '--config=experiments/table4.py:c10_1001', '--workdir=/s/r',
                '--nodes=2', '--gpus_per_node=8')
   assert '#SBATCH --nodes=2' in out and '#SBATCH --gpus-per-node=8' in out
+  # One task per GPU (JAX gives each the GPU SLURM_LOCALID), all GPUs visible to each.
+  assert '#SBATCH --ntasks-per-node=8 ' in out and 'gpus-per-task' not in out
   assert 'srun .venv/bin/preact-train --config=experiments/table4.py:c10_1001 ' \
-         '--workdir=/s/r --config.distributed=True' in out
+         '--workdir=/s/r --config.distributed=True &' in out
+  # Before the time limit: signal the tasks, wait for their checkpoint, requeue.
+  assert '#SBATCH --signal=B:USR1@180' in out and 'trap requeue USR1' in out
+  body = out[out.index('requeue() {'):]
+  assert body.index('scancel --signal=TERM "$SLURM_JOB_ID"') < body.index('wait "$train"') \
+      < body.index('scontrol requeue "$SLURM_JOB_ID"')
   assert out.endswith('sbatch preact.sbatch')
   out = script('tpu_pod.py', 'delete', '--name=p', '--zone=z')
   assert out == 'gcloud compute tpus tpu-vm delete p --zone=z --quiet'
@@ -316,3 +325,35 @@ def test_sweep_runs_seeds_and_report_renders_real_runs(tmp_path, fmnist_dir):
   text = run_cli('report', str(tmp_path), f'--out={tmp_path / "report"}', check=True).stdout
   assert '### table1 (mini)' in text and '| original | original | 8 |' in text
   assert '| 2 | 6.61 |' in text
+
+
+def test_slurm_script_saves_and_requeues_at_the_time_limit_notice(tmp_path):
+  """The sbatch script run by bash with stand-ins for srun, scancel and scontrol: on
+  SLURM's USR1 notice it stops the tasks (they save and exit 143), waits for them, and
+  requeues the job."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  stand_ins = {
+      # A task that saves and exits 143 on SIGTERM, as preact-train does.
+      'srun': f'echo $$ > {tmp_path}/task.pid\n'
+              f'trap "echo saved > {tmp_path}/saved; exit 143" TERM\n'
+              'while true; do sleep 0.05; done',
+      'scancel': f'echo "$@" > {tmp_path}/scancel.args; kill -TERM $(cat {tmp_path}/task.pid)',
+      'scontrol': f'echo "$@" > {tmp_path}/requeued',
+  }
+  for name, body in stand_ins.items():
+    (bin_dir / name).write_text(f'#!/bin/bash\n{body}\n')
+    (bin_dir / name).chmod(0o755)
+  script = tmp_path / 'job.sbatch'
+  script.write_text(launchers.slurm_script('e.py', '/s/r', 2, 8, repo_dir=str(tmp_path)))
+  env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'SLURM_JOB_ID': '77'}
+  job = subprocess.Popen(['bash', str(script)], env=env)
+  deadline = time.time() + 30
+  while not (tmp_path / 'task.pid').exists() and time.time() < deadline:
+    time.sleep(0.05)
+  time.sleep(0.3)  # the trap is set before the task starts
+  job.send_signal(signal.SIGUSR1)
+  assert job.wait(timeout=30) == 0
+  assert (tmp_path / 'saved').exists()
+  assert (tmp_path / 'scancel.args').read_text().split() == ['--signal=TERM', '77']
+  assert (tmp_path / 'requeued').read_text().split() == ['requeue', '77']
