@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+import threading
 from typing import Sequence
 
 def train_args(config: str, workdir: str, extra: Sequence[str] = (), distributed=False,
@@ -141,18 +142,27 @@ def sweep_commands(config: str, workdir: str, seeds: Sequence[int], hosts: Seque
   return out
 
 
-def execute(commands: list[list[str]], dry_run: bool, parallel: bool = False) -> int:
-  """Prints (dry run) or runs the commands; in parallel when they go to several hosts.
-  Returns the number of commands that failed."""
+def execute(commands: list[list[str]], dry_run: bool, per_host: bool = False) -> int:
+  """Prints (dry run) or runs the commands. With ``per_host``, each ssh host works
+  through its own commands one at a time, the hosts side by side: a host never runs two
+  jobs at once. Returns the number of commands that failed."""
   if dry_run:
     for c in commands:
       print(_join(c), flush=True)
     return 0
-  if parallel:
-    procs = [subprocess.Popen(c) for c in commands]
-    return sum(p.wait() != 0 for p in procs)
-  failed = 0
+  queues: dict[str, list[list[str]]] = {}
   for c in commands:
-    print('+ ' + _join(c), file=sys.stderr, flush=True)
-    failed += subprocess.run(c).returncode != 0
-  return failed
+    queues.setdefault(c[1] if per_host and c[0] == 'ssh' else '', []).append(c)
+  failures = []
+
+  def work(queue):
+    for c in queue:
+      print('+ ' + _join(c), file=sys.stderr, flush=True)
+      failures.append(subprocess.run(c).returncode != 0)
+
+  threads = [threading.Thread(target=work, args=(q,)) for q in queues.values()]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return sum(failures)

@@ -118,6 +118,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
                  recorded.get('reason'))
     return recorded
   run = Run(config, workdir, devices=devices)  # bad settings fail before any write
+  log.info('%s on %s: %d process(es), %d local and %d global devices, batch %d (%d per '
+           'device), %s', workdir, jax.default_backend(), jax.process_count(),
+           run.replicas.local_count, run.replicas.count, config.batch_size,
+           config.batch_size // run.replicas.count, config.parallelism)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:

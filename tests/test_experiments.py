@@ -357,3 +357,27 @@ def test_slurm_script_saves_and_requeues_at_the_time_limit_notice(tmp_path):
   assert (tmp_path / 'saved').exists()
   assert (tmp_path / 'scancel.args').read_text().split() == ['--signal=TERM', '77']
   assert (tmp_path / 'requeued').read_text().split() == ['requeue', '77']
+
+
+def test_sweep_over_hosts_runs_one_job_at_a_time_per_host(tmp_path, monkeypatch):
+  """Seeds dealt round-robin to two hosts: each host's jobs run one after another, the
+  hosts side by side; a failed job is counted (a stand-in ssh records when each ran)."""
+  log = tmp_path / 'log'
+  ssh = tmp_path / 'ssh'
+  ssh.write_text('#!/bin/bash\n'
+                 f'echo "$1 start $(date +%s.%N)" >> {log}\n'
+                 'sleep 0.4\n'
+                 f'echo "$1 end $(date +%s.%N)" >> {log}\n'
+                 'case "$2" in *seed2*) exit 3;; esac\n')
+  ssh.chmod(0o755)
+  monkeypatch.setenv('PATH', f'{tmp_path}:{os.environ["PATH"]}')
+  commands = launchers.sweep_commands('e.py', 'runs/t', [0, 1, 2, 3], hosts=['a', 'b'])
+  assert launchers.execute(commands, dry_run=False, per_host=True) == 1  # seed 2 failed
+  spans = {}
+  for line in log.read_text().splitlines():
+    host, what, t = line.split()
+    spans.setdefault(host, []).append(float(t))
+  for host in ('a', 'b'):
+    a0, a1, b0, b1 = spans[host]  # start, end of its first job, then of its second
+    assert a1 <= b0, host  # never two at once on one host
+  assert spans['a'][0] < spans['b'][1] and spans['b'][0] < spans['a'][1]  # side by side

@@ -4,7 +4,8 @@
       [--seeds=0,1,2,3,4] [--hosts=gpu1,gpu2,...] [--dry_run] [-- extra preact-train flags]
 
 Locally the seeds run one after another (a failed seed does not stop the rest); with
---hosts, one job per host over ssh, all at once. Each seed trains into WORKDIR/seed<k>;
+--hosts, the seeds are dealt round-robin to the hosts over ssh, and each host runs its
+seeds one after another, the hosts side by side. Each seed trains into WORKDIR/seed<k>;
 `preact-report WORKDIR` then gives the median.
 """
 
@@ -19,7 +20,8 @@ from preact.cli import common
 _CONFIG = flags.DEFINE_string('config', None, 'Experiment config (file[:arg]).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Parent directory of the seed runs.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2', '3', '4'], 'Seeds.')
-_HOSTS = flags.DEFINE_list('hosts', [], 'ssh hosts, one job each (round-robin).')
+_HOSTS = flags.DEFINE_list('hosts', [], 'ssh hosts; seeds dealt round-robin, one job at a '
+                           'time per host.')
 _REPO_DIR = flags.DEFINE_string('repo_dir', 'preact', 'The checkout on the hosts.')
 _DRY = flags.DEFINE_bool('dry_run', False, 'Print the commands only.')
 _PREACT_TRAIN = flags.DEFINE_string('preact_train', None, 'preact-train to call locally '
@@ -41,7 +43,7 @@ def main(argv):
   if not _HOSTS.value:
     exe = _PREACT_TRAIN.value or os.path.join(os.path.dirname(sys.executable), 'preact-train')
     commands = [[exe, *c[1:]] for c in commands]
-  failed = launchers.execute(commands, _DRY.value, parallel=bool(_HOSTS.value))
+  failed = launchers.execute(commands, _DRY.value, per_host=bool(_HOSTS.value))
   if not _DRY.value:
     _summary(_WORKDIR.value, seeds)
   if failed:
