@@ -38,6 +38,13 @@ class Writer:
         self._tb.scalar(k, v, row['step'])
     self._tb.flush()
 
+  def hparams(self, flat: dict):
+    """The run's settings as TensorBoard hparams (lists as text), to compare runs by."""
+    if self.enabled:
+      self._tb.hparams({k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                        for k, v in flat.items() if v is not None})
+      self._tb.flush()
+
   def close(self):
     if self._tb is not None:
       self._tb.close()

@@ -158,6 +158,8 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
   first non-finite step or a failed write."""
   config, total = run.config, run.config.total_steps
   writer = logs.Writer(run.workdir, enabled=lead)
+  if start == 0:
+    writer.hparams(config_lib.flatten(config))
   outcome = {'status': 'completed', 'step': start, 'reason': '', 'test_error': None}
   batches = None
   if start < total:

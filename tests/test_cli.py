@@ -42,7 +42,15 @@ def test_train_writes_its_workdir_and_eval_restores_it(reference):
   for key in ('train_loss', 'train_error', 'lr', 'images_per_s'):
     assert all(key in r for r in rows)
   assert 'test_error' in rows[-1]
-  assert list((reference / 'tensorboard').glob('events.out.tfevents.*'))
+  events = list((reference / 'tensorboard').glob('events.out.tfevents.*'))
+  assert events
+  # The run's settings as TensorBoard hparams, beside its scalars.
+  from tensorflow.core.util import event_pb2
+  from tensorflow.python.lib.io import tf_record
+  plugins = {v.metadata.plugin_data.plugin_name for e in events
+             for r in tf_record.tf_record_iterator(str(e))
+             for v in event_pb2.Event.FromString(r).summary.value}
+  assert 'hparams' in plugins, plugins
   config = json.loads((reference / 'config.json').read_text())
   assert config['model']['depth'] == 8 and config['dataset'] == 'fashion_mnist'
 
