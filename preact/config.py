@@ -15,7 +15,7 @@ from preact.errors import UserError
 # Keys a resumed run may change: they affect bookkeeping, never the trajectory.
 RUNTIME_KEYS = frozenset({'checkpoint_every', 'eval_every', 'log_every', 'keep_checkpoints',
                           'progress', 'data_dir', 'manual_dir', 'distributed',
-                          'eval_batch_size', 'prefetch'})
+                          'eval_batch_size', 'prefetch', 'profile_steps'})
 
 
 def base() -> ml_collections.ConfigDict:
@@ -36,6 +36,9 @@ def base() -> ml_collections.ConfigDict:
   c.log_every = 100
   c.progress = 'auto'          # auto | bar | log
   c.prefetch = 2               # batches prepared ahead on a host thread
+  # (first, last): an XProf trace of those steps in WORKDIR/profile (process 0), for
+  # `tensorboard --logdir WORKDIR/profile` or xprof; () = none.
+  c.profile_steps = ()
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = 'cifar'       # cifar | imagenet
@@ -171,6 +174,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       interval = (f'{"(" if low_open else "["}{low:g}, '
                   f'{high:g}{")" if high_open else "]"}').replace('inf', '∞')
       raise UserError(f'{key} must be a number in {interval}, got {value!r}')
+  p = tuple(config.profile_steps)
+  if p and not (len(p) == 2 and all(isinstance(v, int) and v >= 1 for v in p)
+                and p[0] <= p[1]):
+    raise UserError(f'profile_steps must be () or (first, last) with 1 <= first <= last, '
+                    f'got {p}')
   o = config.optimizer
   _resolve_epochs(config)
   if list(o.boundaries) != sorted(o.boundaries) or any(b < 1 for b in o.boundaries):

@@ -167,10 +167,13 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
                             total - start, config.prefetch)
   progress = logs.Progress(config.progress, start, total, config.log_every)
   pending, since, step = [], (start, time.time()), start
+  trace = _Trace(run.workdir, config.profile_steps, enabled=lead)
   try:
     while step < total:
+      trace.before(step + 1)
       state, metrics = run.train_step(state, next(batches))
       step += 1
+      trace.after(step, state)
       pending.append(metrics)
       stop = _stop_requested(signals, step)
       write_row = step % config.log_every == 0 or step == total
@@ -197,6 +200,7 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
     if outcome['status'] not in ('diverged', 'failed'):
       outcome['step'] = step
   finally:
+    trace.close()
     progress.close()
     if batches is not None:
       batches.close()
@@ -206,6 +210,31 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
       outcome.update(status='failed', reason=f'saving a checkpoint failed: {e}')
     writer.close()
   return outcome
+
+
+class _Trace:
+  """An XProf trace of the steps ``config.profile_steps`` (first, last)."""
+
+  def __init__(self, workdir, steps, enabled: bool):
+    self.dir = str(epath.Path(workdir) / 'profile')
+    self.steps = tuple(steps) if enabled else ()
+    self.on = False
+
+  def before(self, step: int):
+    if self.steps and step == self.steps[0]:
+      jax.profiler.start_trace(self.dir)
+      self.on = True
+
+  def after(self, step: int, state):
+    if self.on and step == self.steps[1]:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self):
+    if self.on:
+      jax.profiler.stop_trace()
+      self.on = False
+      log.info('wrote an XProf trace of steps %d–%d to %s', *self.steps, self.dir)
 
 
 # With several processes a signal reaches one of them (a preempted host, a Ctrl-C), but

@@ -141,6 +141,8 @@ CONFIG_CASES = [
      r'dropout rate must be in \[0, 1\)'),
     ('negative_padding', {'augment.crop_padding': -4}, r'augment.crop_padding'),
     ('batch_not_divisible', {'batch_size': 12}, r'batch_size 12 is not divisible by the 8'),
+    ('profile_steps_reversed', {'profile_steps': (3, 2)},
+     r'profile_steps must be \(\) or \(first, last\) with 1 <= first <= last, got \(3, 2\)'),
 ]
 
 

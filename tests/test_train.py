@@ -249,3 +249,9 @@ def test_unreadable_data_dir_is_a_user_error(tmp_path):
   blocker.write_text('not a directory')
   with pytest.raises(UserError, match='data_dir'):
     train.train_and_evaluate(tiny_config(data_dir=str(blocker / 'tfds')), tmp_path / 'w')
+
+
+def test_profile_steps_write_an_xprof_trace_of_those_steps(tmp_path):
+  outcome = _train(tiny_config(profile_steps=(2, 3)), tmp_path, devices=jax.devices()[:1])
+  assert outcome['status'] == 'completed'
+  assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
