@@ -9,7 +9,7 @@ import math
 
 import ml_collections
 
-from preact import data, units
+from preact import data, legacy, units
 from preact.errors import UserError
 
 # Keys a resumed run may change: they affect bookkeeping, never the trajectory.
@@ -134,14 +134,7 @@ _RANGES = {
 }
 
 
-def flatten(c, prefix='') -> dict:
-  out = {}
-  for k, v in c.items():
-    if isinstance(v, (ml_collections.ConfigDict, dict)):
-      out.update(flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
-  return out
+flatten = legacy.flatten
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -220,30 +213,18 @@ def unit_args(model: ml_collections.ConfigDict) -> dict:
   return {k: v for k, v in model.unit_args.items() if v is not None}
 
 
-def _migrate(flat: dict) -> dict:
-  """A flattened config as this schema spells it, for records saved by older versions."""
-  flat = dict(flat)
-  if isinstance(flat.get('model.remat'), bool):  # remat was a bool before 'auto'
-    flat['model.remat'] = 'on' if flat['model.remat'] else 'off'
-  if 'model.cpu_conv' in flat:
-    flat['model.cpu_kernels'] = flat.pop('model.cpu_conv')
-  if 'model.bottleneck' in flat or 'model.one_layer' in flat:  # two booleans before block
-    bottleneck, one_layer = flat.pop('model.bottleneck', False), flat.pop('model.one_layer',
-                                                                          False)
-    flat['model.block'] = 'one_layer' if one_layer else 'bottleneck' if bottleneck else 'basic'
-  return flat
-
-
 def from_dict(d: dict, source: str | None = None) -> ml_collections.ConfigDict:
   """A config saved as JSON (config.json) back into the schema; JSON lists become the
   schema's tuples again. With ``source`` (the file it came from) the config must be
   complete and valid: a partial record is refused, never filled in with defaults."""
   c = base()
-  saved = _migrate(flatten(ml_collections.ConfigDict(d)))
+  saved = legacy.migrate(flatten(ml_collections.ConfigDict(d)))
   if source is not None:
     # An unset unit argument means the unit's default, so a record written before a
     # shortcut parameter was registered still says everything about its run.
-    missing = sorted(k for k in set(flatten(c)) - set(saved)
+    # A runtime key changes no result, so one added after the record was written takes
+    # its default.
+    missing = sorted(k for k in set(flatten(c)) - set(saved) - RUNTIME_KEYS
                      if not k.startswith('model.unit_args.'))
     if missing:
       raise UserError(f'{source} is not a complete run config (it lacks '
@@ -274,8 +255,8 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def differences(a: dict, b: dict) -> list[str]:
   """'key: old → new' for every key whose value differs (JSON-normalized)."""
-  fa = _migrate(flatten(ml_collections.ConfigDict(a)))
-  fb = _migrate(flatten(ml_collections.ConfigDict(b)))
+  fa = legacy.migrate(flatten(ml_collections.ConfigDict(a)))
+  fb = legacy.migrate(flatten(ml_collections.ConfigDict(b)))
   allowed = set(RUNTIME_KEYS)
   if fa.get('optimizer.schedule') == fb.get('optimizer.schedule') == 'step':
     allowed.add('total_steps')  # extending a step schedule leaves the steps so far alone

@@ -6,9 +6,9 @@ import json
 import sys
 import time
 
-import jax
-import numpy as np
 import logging
+
+import numpy as np
 from etils import epath
 
 log = logging.getLogger('preact')  # absl's handler prints it; orbax's chatter stays off
@@ -72,7 +72,9 @@ class Progress:
     bar = mode == 'bar' or (mode == 'auto' and sys.stderr.isatty())
     self.every, self.total = every, total
     self._bar = None
-    if bar and jax.process_index() == 0:
+    import jax  # here, not at import: preact-report reads these files without JAX
+    self._main = jax.process_index() == 0
+    if bar and self._main:
       from tqdm import tqdm
       self._bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True)
     self._t0, self._s0 = time.time(), start
@@ -82,7 +84,7 @@ class Progress:
       self._bar.update(step - self._bar.n)
       if metrics:
         self._bar.set_postfix({k: f'{v:.4g}' for k, v in metrics.items()}, refresh=False)
-    elif metrics is not None and jax.process_index() == 0:
+    elif metrics is not None and self._main:
       rate = (step - self._s0) / max(time.time() - self._t0, 1e-9)
       eta = (self.total - step) / rate if rate > 0 else float('inf')
       text = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import numpy as np
 from etils import epath
 
-from preact import config as config_lib, logs
+from preact import legacy, logs
 
 FAIL_ABOVE = 20.0  # % test error: the paper's "fail"
 
@@ -72,7 +72,7 @@ def find_runs(paths) -> list[str]:
 def load_run(workdir) -> RunResult:
   w = epath.Path(workdir)
   # As this version spells it (records of older versions name some keys differently).
-  config = config_lib.from_dict(json.loads((w / 'config.json').read_text())).to_dict()
+  config = legacy.migrate_dict(json.loads((w / 'config.json').read_text()))
   metrics = logs.read_jsonl(w / 'metrics.jsonl')
   outcome = json.loads((w / 'outcome.json').read_text()) if (w / 'outcome.json').exists() \
       else {'status': 'running', 'step': metrics[-1]['step'] if metrics else 0}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from absl import flags
-from ml_collections import config_flags
 
 from preact import config as config_lib
 from preact import models, plots, probes, units
+from preact.cli import common
 
 
 class BranchScaled(units.Shortcut):
@@ -40,10 +40,8 @@ def test_a_unit_registered_in_one_place_configures_builds_probes_and_plots(
   (tmp_path / 'mine.py').write_text(MY_CONFIG)
   argv = ['prog', f'--config={tmp_path}/mine.py', '--config.model.unit_args.alpha=1.0']
   flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file('config', None, '', flag_values=flag_values,
-                                           lock_config=True, sys_argv=argv)
-  flag_values(argv)
-  c = config_lib.validate(holder.value)
+  flag_values(common.define_config(argv, '', flag_values=flag_values))
+  c = config_lib.validate(flag_values.config)
   assert config_lib.unit_args(c.model) == {'alpha': 1.0}
   assert units.UNITS['scaled_branch'].params == {'alpha': 0.25}
   # Its run record reads back, and a record written before alpha existed still does.

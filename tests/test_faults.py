@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from conftest import REPO, cli_env, run_cli, tiny_config
 from preact import checkpoint, runrecord, train
+from preact import config as config_lib
 from preact.errors import UserError
 
 
@@ -251,6 +252,20 @@ def test_sigint_saves_and_exits_130(tmp_path, fmnist_dir):
   outcome = json.loads((tmp_path / 'outcome.json').read_text())
   assert outcome['status'] == 'interrupted'
   assert runrecord.checkpoint_steps(tmp_path)[-1:] == [outcome['step']], (outcome, err[-3000:])
+
+
+def test_a_record_from_before_a_runtime_key_still_reads():
+  record = config_lib.base().to_dict()
+  record['profile_steps'] = (3, 4)
+  assert config_lib.from_dict(record, source='config.json').profile_steps == (3, 4)
+  for key in config_lib.RUNTIME_KEYS:
+    del record[key]
+  restored = config_lib.from_dict(record, source='config.json')
+  complete = config_lib.from_dict(config_lib.base().to_dict(), source='config.json')
+  assert restored.profile_steps == () and restored.to_dict() == complete.to_dict()
+  del record['seed']  # a key that changes results is never filled in
+  with pytest.raises(UserError, match=r'it lacks seed\)'):
+    config_lib.from_dict(record, source='config.json')
 
 
 def test_eval_checks_the_record_before_reading_data(tmp_path):

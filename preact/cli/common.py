@@ -73,32 +73,33 @@ def no_arguments(argv):
     raise UserError(f'unexpected arguments {" ".join(argv[1:])} (flags start with --)')
 
 
-def load_config(holder):
-  """The --config flag's value (its file has loaded once already: :func:`run`)."""
-  return holder.value
+_CONFIG_FLAG = None  # this tool's --config: (help text, default config maker or None)
 
 
-_HAS_CONFIG_FLAG = False
+class _Config:
+  """What a tool's ``--config`` holds once flags are parsed: the ConfigDict of its file
+  (or of the tool's default) with every ``--config.a.b=v`` applied, else None."""
+
+  @property
+  def value(self):
+    return flags.FLAGS['config'].value if 'config' in flags.FLAGS else None
 
 
-def config_flag(help_text: str):
-  global _HAS_CONFIG_FLAG
-  from ml_collections import config_flags
-  _HAS_CONFIG_FLAG = True
-  return config_flags.DEFINE_config_file('config', None, help_text, lock_config=True)
+def config_flag(help_text: str, default=None):
+  """Declares this tool's ``--config=FILE[:ARG]``; :func:`run` defines the flag when it
+  parses, so that the file runs once, its faults are one line, and overrides apply."""
+  global _CONFIG_FLAG
+  _CONFIG_FLAG = (help_text, default)
+  return _Config()
 
 
 def default_config():
   """The embedded default experiment (experiments/fashion_mnist.py beside the package)."""
-  import importlib.util
   import pathlib
   path = pathlib.Path(__file__).resolve().parents[2] / 'experiments' / 'fashion_mnist.py'
   if not path.exists():
     raise UserError(f'{path} is missing; pass --config=<experiment file>')
-  spec = importlib.util.spec_from_file_location('preact_default_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return preload_config(str(path))
 
 
 # Exceptions that mean the config file's own code is wrong: report where.
@@ -166,6 +167,33 @@ def check_overrides(config, argv):
       raise UserError(f'unknown config key in --config.{m.group(1)}{hint}')
 
 
+def define_config(argv, help_text: str, default=None, flag_values=flags.FLAGS):
+  """Defines ``--config`` in flag_values as the ConfigDict of argv's ``--config=FILE[:ARG]``
+  (loaded here, once) or of ``default()``, after checking argv's overrides against it.
+  Returns argv without ``--config=FILE``, for the overrides to apply when it is parsed."""
+  from ml_collections import config_flags
+  spec = _config_spec(argv)
+  config = preload_config(spec) if spec else default() if default else None
+  if config is None:
+    if any(re.match(r'^--(?:no)?config\.', a) for a in argv):
+      raise UserError('--config.<key>=… overrides a config file: pass --config=FILE too')
+    flags.DEFINE_string('config', None, help_text, flag_values=flag_values)
+    return argv
+  check_overrides(config, argv)
+  rest, skip = [], False
+  for i, a in enumerate(argv):
+    if skip:
+      skip = False
+    elif a == '--config' and i + 1 < len(argv):
+      skip = True
+    elif not a.startswith('--config='):
+      rest.append(a)
+  # sys_argv: the flag finds its overrides there (by default it reads sys.argv).
+  config_flags.DEFINE_config_dict('config', config, help_text, flag_values=flag_values,
+                                  lock_config=True, sys_argv=rest)
+  return rest
+
+
 def run(main_fn):
   """app.run, but a bad flag (a config file that does not load, an unknown --config.key,
   a bad value) exits 2 with one line."""
@@ -173,9 +201,8 @@ def run(main_fn):
 
   def parse(argv):
     try:
-      spec = _config_spec(argv) if _HAS_CONFIG_FLAG else None
-      if spec:
-        check_overrides(preload_config(spec), argv)
+      if _CONFIG_FLAG is not None:
+        argv = define_config(argv, *_CONFIG_FLAG)
       return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001
       print(f'{tool}: error: {one_line(e)}', file=sys.stderr, flush=True)

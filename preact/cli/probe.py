@@ -16,7 +16,8 @@ from absl import flags
 
 from preact.cli import common
 
-_CONFIG = common.config_flag('Data and model settings (default: the embedded default).')
+_CONFIG = common.config_flag('Data and model settings (default: the embedded default).',
+                             default=common.default_config)
 _WORKDIR = flags.DEFINE_string('workdir', None, "Probe this run's latest checkpoint on its "
                                'own data (its unit and depth).')
 _UNITS = flags.DEFINE_list('units', None, 'Unit variants to probe (default: every '
@@ -46,7 +47,7 @@ def main(argv):
     results = [probes.probe_checkpoint(_WORKDIR.value, _BATCH.value, _BN.value)]
     identity = None
   else:
-    config = common.load_config(_CONFIG) or common.default_config()
+    config = _CONFIG.value
     depths = _parse_depths(_DEPTH.value)
     results, identity = probes.probe_variants(
         config, _UNITS.value or list(units.UNITS), depths, _BLOCK.value, _ZERO.value,

@@ -21,7 +21,7 @@ common.define_distributed_flags()
 @common.main('preact-train')
 def main(argv):
   common.no_arguments(argv)
-  config = common.load_config(_CONFIG)
+  config = _CONFIG.value
   if config is None or not _WORKDIR.value:
     raise common.UserError('--config and --workdir are required, e.g. '
                            '--config=experiments/fashion_mnist.py --workdir=runs/fmnist')
