@@ -150,7 +150,11 @@ def _batch_size(perturbations) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
-def _stage_changes(model, variables, images):
+def stage_changes(model, variables, images):
+  """The identity-mapping test: with every residual branch zeroed (``zero_init_last``
+  models at init), the relative change ‖x_out − x_in‖/‖x_in‖ across each stage, from
+  its second unit's input to its last unit's. Zero exactly when the shortcut and
+  after-addition path are identities; BN and running statistics in eval mode."""
   _, state = model.apply(variables, images, train=False, mutable=['intermediates'])
   blocks = models.unit_blocks(state['intermediates'])
   out = []
@@ -160,17 +164,6 @@ def _stage_changes(model, variables, images):
         blocks[s][-1][-1]
     out.append(jnp.linalg.norm(x_out - x_in) / jnp.linalg.norm(x_in))
   return jnp.stack(out)
-
-
-def identity_test(model: models.ResNet, variables: dict, images) -> np.ndarray:
-  """The identity-mapping test: with every residual branch zeroed (``zero_init_last``
-  models at init), the relative change ‖x_out − x_in‖/‖x_in‖ across each stage, from
-  its second unit's input to its last unit's. Zero exactly when the shortcut and
-  after-addition path are identities; BN and running statistics in eval mode."""
-  if not model.zero_init_last:
-    raise ValueError('identity_test needs a zero_init_last model (F ≡ 0)')
-  return np.asarray(_stage_changes(model, models.model_state(variables),
-                                   jnp.asarray(images)))
 
 
 # --------------------------------------------------------------------------------------
@@ -213,7 +206,7 @@ def probe_variants(config, unit_names, depths, block='auto', zero_init_last=Fals
       # One program for both inits and the identity test: XLA merges the random draws
       # the two inits share (same key), and compiling dominates a probe's time.
       variables, z_vars = (m.init(key, images, train=False) for m in (model, zeroed))
-      return variables, _stage_changes(zeroed, models.model_state(z_vars), images)
+      return variables, stage_changes(zeroed, models.model_state(z_vars), images)
 
     variables, change = init(models.init_key(seed))
     r = gradient_probe(model, variables, images, labels, train=train_mode)

@@ -1,7 +1,9 @@
 """The commands as users run them, on the real Fashion-MNIST: train, evaluate, survive
-SIGKILL and SIGTERM, run as two processes, and refuse bad input with exit status 2."""
+SIGKILL and SIGTERM, run as two processes, and refuse bad input with exit status 2; then
+sweep and report, probe, models and bench."""
 
 import json
+import os
 import re
 import signal
 import socket
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, cli_env, params_of, run_cli
-from preact import train
+from preact import models, train, units
 
 TINY = ['--config=experiments/fashion_mnist.py', '--config.model.depth=8',
         '--config.batch_size=32', '--config.total_steps=12', '--config.checkpoint_every=3',
@@ -238,3 +240,84 @@ def test_probe_a_trained_run_on_its_own_data(reference, tmp_path):
   assert probe['unit'] == 'full_preact' and probe['step'] == 12 and probe['bn'] == 'eval'
   assert len(probe['units']) == 3 and all(u['grad_norm'] > 0 for u in probe['units'])
   assert (out / 'grad_norm.png').exists() and 'first/last' in proc.stdout
+
+
+# --------------------------------------------------------------------------------------
+# The other commands: sweep and report, probe, models, bench.
+
+
+def test_preact_bench_command_prints_ours_beside_pytorch():
+  pytest.importorskip('torch')
+  out = run_cli('bench', '--depth=8', '--block=basic', '--batch=8', '--steps=2', '--torch',
+                '--json', check=True).stdout
+  r = json.loads(out.strip().splitlines()[-1])
+  assert r['torch']['params'] == r['params'] == 75_290
+  assert r['ratio_vs_torch'] == pytest.approx(r['images_per_s'] / r['torch']['images_per_s'])
+  before, after = r['torch_runs']  # PyTorch on either side of ours; the ratio uses the mean
+  assert r['torch']['images_per_s'] == pytest.approx(
+      (before['images_per_s'] + after['images_per_s']) / 2)
+  out = run_cli('bench', '--mode=compile', '--depths=8,14', '--block=basic', '--batch=8',
+                '--json', check=True).stdout
+  r = json.loads(out.strip().splitlines()[-1])
+  assert set(r['compile_s']) == {'8', '14'} and r['ratio'] > 0
+
+
+def test_preact_bench_profile_prints_both_columns():
+  pytest.importorskip('torch')
+  out = run_cli('bench', '--mode=profile', '--depth=11', '--batch=4', '--torch', '--json',
+                check=True).stdout
+  r = json.loads(out.strip().splitlines()[-1])
+  assert set(r['torch']['ms_by_kind']) <= set(r['ours']['ms_by_kind'])
+  assert r['ours']['step_ms'] > 0 and r['torch']['step_ms'] > 0
+
+
+def test_bad_row_on_the_command_line_exits_2(tmp_path):
+  proc = run_cli('train', '--config=experiments/table1.py:nope', f'--workdir={tmp_path}')
+  assert proc.returncode == 2
+  assert "preact-train: error: cannot load --config: unknown row 'nope'" in proc.stderr
+
+
+def test_sweep_runs_seeds_and_report_renders_real_runs(tmp_path, fmnist_dir):
+  # A relative workdir (orbax itself needs absolute paths; preact resolves them).
+  relative = os.path.relpath(tmp_path, REPO)
+  proc = run_cli('sweep', '--config=experiments/table1.py:original,mini',
+                 f'--workdir={relative}', '--seeds=0,1', '--', f'--config.data_dir={fmnist_dir}',
+                 '--config.total_steps=4', '--config.optimizer.warmup_steps=0',
+                 '--config.eval_every=4', '--config.model.depth=8', '--config.progress=log',
+                 timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for seed in (0, 1):
+    assert json.loads((tmp_path / f'seed{seed}' / 'outcome.json').read_text())['step'] == 4
+  text = run_cli('report', str(tmp_path), f'--out={tmp_path / "report"}', check=True).stdout
+  assert '### table1 (mini)' in text and '| original | original | 8 |' in text
+  assert '| 2 | 6.61 |' in text
+
+
+def test_preact_models_json_lists_every_variant():
+  out = run_cli('models', '--json', '--depths=20,1001', check=True)
+  rows = json.loads(out.stdout)
+  got = {(r['depth'], r['block'], r['unit']) for r in rows}
+  for u in units.UNITS:
+    assert (1001, 'bottleneck', u) in got and (20, 'basic', u) in got
+  assert (1001, 'basic', 'original') not in got  # 999 is not a multiple of 6
+  r = next(r for r in rows if (r['depth'], r['block'], r['unit']) ==
+           (1001, 'bottleneck', 'full_preact'))
+  assert r['params'] == models.count_params(models.init_shapes(
+      models.cifar_resnet(1001, 'full_preact', 'bottleneck'), (32, 32, 3))['params'])
+  assert r['flops'] > 2.5e9
+
+
+def test_preact_probe_command_writes_json_and_plots(tmp_path, fmnist_dir):
+  out = tmp_path / 'out'
+  proc = run_cli('probe', '--units=full_preact,constant_scaling', '--depth=20', '--batch=4',
+                 f'--out={out}', '--config=experiments/fashion_mnist.py',
+                 f'--config.data_dir={fmnist_dir}', check=True)
+  doc = json.loads((out / 'probe.json').read_text())
+  assert [p['unit'] for p in doc['probes']] == ['full_preact', 'constant_scaling']
+  assert len(doc['probes'][0]['units']) == 9
+  assert set(doc['probes'][0]['units'][0]) == {'index', 'stage', 'grad_norm', 'ratio',
+                                              'cosine', 'act_norm'}
+  assert doc['identity']['full_preact@20'] == [0.0, 0.0, 0.0]
+  for name in ('grad_norm.png', 'act_norm.png', 'identity.png'):
+    assert (out / name).read_bytes()[:4] == b'\x89PNG'
+  assert 'first/last' in proc.stdout

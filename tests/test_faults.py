@@ -7,7 +7,6 @@ line and exit 2); the CLI cases run the commands as a user does."""
 import errno
 import hashlib
 import json
-import os
 import re
 import signal
 import subprocess

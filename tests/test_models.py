@@ -2,9 +2,6 @@
 scan vs unrolled equivalence, zero-init identity behaviour, and bad input."""
 
 import functools
-import json
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -463,17 +460,3 @@ def test_zero_init_last_unit_is_identity_iff_nothing_follows_the_addition(name):
 def test_bad_model_settings_raise_value_error(call, match):
   with pytest.raises(ValueError, match=match):
     call()
-
-
-def test_preact_models_json_lists_every_variant():
-  out = subprocess.run([sys.executable, '-m', 'preact.cli.models', '--json',
-                        '--depths=20,1001'], capture_output=True, text=True, check=True)
-  rows = json.loads(out.stdout)
-  got = {(r['depth'], r['block'], r['unit']) for r in rows}
-  for u in units.UNITS:
-    assert (1001, 'bottleneck', u) in got and (20, 'basic', u) in got
-  assert (1001, 'basic', 'original') not in got  # 999 is not a multiple of 6
-  r = next(r for r in rows if (r['depth'], r['block'], r['unit']) ==
-           (1001, 'bottleneck', 'full_preact'))
-  assert r['params'] == PINNED[1001, 'full_preact', 'bottleneck', 'auto'][1]
-  assert r['flops'] > 2.5e9

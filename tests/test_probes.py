@@ -1,8 +1,7 @@
 """Gradient probes against the paper's analytic results (Eq. 5 and Eq. 7), against
-finite differences for every unit variant, and the preact-probe command."""
+finite differences for every unit variant."""
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -142,23 +141,6 @@ def test_identity_test_is_zero_exactly_for_identity_paths():
   for unit, identity in (('full_preact', True), ('relu_before_addition', True),
                          ('bn_after_addition', False), ('constant_scaling', False)):
     model, v = _net(unit, zero_init_last=True)
-    change = probes.identity_test(model, v, X)
+    change = probes.stage_changes(model, models.model_state(v), X)
     assert change.shape == (3,)
     assert np.all(change == 0) == identity, (unit, change)
-
-
-def test_preact_probe_command_writes_json_and_plots(tmp_path, fmnist_dir):
-  from conftest import run_cli
-  out = tmp_path / 'out'
-  proc = run_cli('probe', '--units=full_preact,constant_scaling', '--depth=20', '--batch=4',
-                 f'--out={out}', '--config=experiments/fashion_mnist.py',
-                 f'--config.data_dir={fmnist_dir}', check=True)
-  doc = json.loads((out / 'probe.json').read_text())
-  assert [p['unit'] for p in doc['probes']] == ['full_preact', 'constant_scaling']
-  assert len(doc['probes'][0]['units']) == 9
-  assert set(doc['probes'][0]['units'][0]) == {'index', 'stage', 'grad_norm', 'ratio',
-                                              'cosine', 'act_norm'}
-  assert doc['identity']['full_preact@20'] == [0.0, 0.0, 0.0]
-  for name in ('grad_norm.png', 'act_norm.png', 'identity.png'):
-    assert (out / name).read_bytes()[:4] == b'\x89PNG'
-  assert 'first/last' in proc.stdout
