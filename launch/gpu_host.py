@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One multi-GPU host: preact-train over all its GPUs (pmap), here or on HOST via ssh.
+"""One multi-GPU host: preact-train over all its GPUs (one process, all local devices), here or on HOST via ssh.
 
   python launch/gpu_host.py --config=experiments/table2.py:full_preact,depth=164 \
       --workdir=runs/t2_fp164 [--host=gpu7] [--gpus=0,1] [--dry-run] [-- --config.seed=1]

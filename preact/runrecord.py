@@ -23,6 +23,7 @@ import threading
 from etils import epath
 
 from preact import config as config_lib
+from preact.logs import log
 from preact.errors import UserError
 
 LOCK = '.lock'
@@ -73,8 +74,10 @@ def read_config(workdir) -> config_lib.ml_collections.ConfigDict:
   return config_lib.from_dict(saved, source=str(path))
 
 
-def check(workdir, config) -> None:
-  """Refuses a workdir whose record disagrees with ``config``; writes nothing."""
+def check(workdir, config):
+  """Refuses a workdir whose record disagrees with ``config``; writes nothing. Returns
+  the config to run: ``config``, with the record's values of the keys a resume keeps
+  (``config.RECORD_KEYS``)."""
   workdir = epath.Path(workdir)
   if not (workdir / 'config.json').exists():
     steps = checkpoint_steps(workdir)
@@ -82,12 +85,20 @@ def check(workdir, config) -> None:
       raise UserError(f'{workdir} holds checkpoints (steps {", ".join(map(str, steps))}) but '
                       'no config.json, so which run they belong to is unknown; put that '
                       "run's config.json back, or train in a new --workdir")
-    return
+    return config
   old = read_config(workdir)
   diff = config_lib.differences(old.to_dict(), config.to_dict())
   if diff:
     raise UserError(f'{workdir} holds a different run (config {"; ".join(diff[:3])}); '
                     "use a new --workdir or pass that run's config")
+  kept = {k: old[k] for k in sorted(config_lib.RECORD_KEYS) if old[k] != config[k]}
+  if kept:
+    log.info('%s resumes as it was recorded: %s', workdir,
+             ', '.join(f'{k}={v} (not {config[k]})' for k, v in kept.items()))
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.update(kept)
+  return config
 
 
 def recorded_outcome(workdir) -> dict | None:

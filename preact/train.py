@@ -111,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
   workdir = epath.Path(workdir)
   config = config_lib.validate(config)
   lead = jax.process_index() == 0
-  runrecord.check(workdir, config)
+  config = runrecord.check(workdir, config)
   recorded = runrecord.recorded_outcome(workdir)
   if recorded and recorded.get('status') == 'diverged':
     log.info('%s diverged before (%s); not training it again', workdir,

@@ -147,7 +147,10 @@ def _free_port():
 
 
 def test_two_processes_train_like_one_process(tmp_path, fmnist_dir):
-  steps = ['--config.total_steps=3', '--config.log_every=1', '--config.checkpoint_every=3']
+  # Under pmap, whose state is host-local with several processes (parallel.Replicas);
+  # the default shard_map runs two processes below.
+  steps = ['--config.total_steps=3', '--config.log_every=1', '--config.checkpoint_every=3',
+           '--config.parallelism=pmap']
   run_cli('train', *tiny(tmp_path / 'one', fmnist_dir, *steps), devices=2, check=True)
   port = _free_port()
   procs = [subprocess.Popen(

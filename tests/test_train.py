@@ -112,6 +112,21 @@ def test_checkpoint_from_8_devices_restores_and_resumes_on_1(tmp_path):
                             resumed['params']['classifier']['kernel'])
 
 
+def test_a_run_resumes_with_its_recorded_parallelism(tmp_path, caplog):
+  """A run started under pmap (the default before shard_map) and resumed by a command
+  that says shard_map goes on under pmap, bit for bit as if never stopped."""
+  step = {'optimizer.schedule': 'step'}  # extensible: the resume adds a step
+  _train(tiny_config(parallelism='pmap', total_steps=2, **step), tmp_path / 'cut')
+  with caplog.at_level('INFO', logger='preact'):
+    _train(tiny_config(parallelism='shard_map', **step), tmp_path / 'cut')
+  assert 'resumes as it was recorded: parallelism=pmap (not shard_map)' in caplog.text
+  assert json.loads((tmp_path / 'cut' / 'config.json').read_text())['parallelism'] == 'pmap'
+  _train(tiny_config(parallelism='pmap', **step), tmp_path / 'whole')
+  for a, b in zip(jax.tree.leaves(params_of(tmp_path / 'whole')),
+                  jax.tree.leaves(params_of(tmp_path / 'cut'))):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_evaluation_counts_every_test_example_once(tmp_path):
   c = tiny_config(total_steps=1, eval_batch_size=32)  # 48 = 32 + 16 padded
   with tfds.testing.mock_data(num_examples=48):
