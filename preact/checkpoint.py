@@ -24,6 +24,12 @@ def absolute(path) -> str:
   return path if '://' in path else os.path.abspath(path)
 
 
+def _saved_form(state) -> dict:
+  """The state as saved: nested dicts, without the fields that are None (float16's loss
+  scale in other runs), so a checkpoint written before such a field existed restores."""
+  return {k: v for k, v in serialization.to_state_dict(state).items() if v is not None}
+
+
 class Checkpoints:
   """Saves and restores {'state': train state, 'meta': JSON} under workdir/checkpoints."""
 
@@ -49,7 +55,7 @@ class Checkpoints:
 
   def save(self, step: int, state, meta: dict):
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+        state=ocp.args.StandardSave(_saved_form(state)),
         meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, state_like, step: int | None = None, sharding=None):
@@ -59,7 +65,7 @@ class Checkpoints:
     if step is None or step not in self.steps():
       have = ', '.join(map(str, self.steps())) or 'none'
       raise UserError(f'no checkpoint for step {step} in {self.directory} (have: {have})')
-    target = serialization.to_state_dict(state_like)
+    target = _saved_form(state_like)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                        sharding=sharding or getattr(x, 'sharding', None)),
@@ -72,7 +78,9 @@ class Checkpoints:
       raise UserError(f'checkpoint {self.directory / str(step)} cannot be restored '
                       f'({first}); move that directory aside to resume from an earlier '
                       'checkpoint, or train in a new --workdir') from None
-    return serialization.from_state_dict(state_like, restored.state), restored.meta
+    absent = {k: None for k in serialization.to_state_dict(state_like)}
+    return serialization.from_state_dict(state_like, {**absent, **restored.state}), \
+        restored.meta
 
   def restore_arrays(self, step: int | None = None) -> dict:
     """The saved state as nested dicts of numpy arrays, whatever topology saved it."""

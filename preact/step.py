@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax.training import dynamic_scale
 
 from preact import data, models, parallel
 
@@ -27,6 +28,9 @@ class TrainState:
   # were not, after which the state is frozen: carried on the device, so divergence
   # costs no host sync per step, and no non-finite state is ever applied or saved.
   bad_step: jax.Array
+  # float16 only: flax's DynamicScale as arrays {'scale', 'fin_steps'}; None otherwise
+  # (and then not in checkpoints, so those of float32 runs keep their structure).
+  loss_scale: Any = None
 
 
 # --------------------------------------------------------------------------------------
@@ -70,9 +74,13 @@ def init_state(model, tx, seed: int, image_shape, sharding=None) -> TrainState:
     x = jnp.zeros((1, *image_shape), jnp.float32)
     variables = model.init(models.init_key(seed), x, train=False)
     params = variables['params']
+    loss_scale = None
+    if model.dtype == jnp.float16:  # its range: gradients underflow without scaling
+      d = dynamic_scale.DynamicScale()
+      loss_scale = {'scale': jnp.float32(d.scale), 'fin_steps': jnp.int32(d.fin_steps)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                      bad_step=jnp.zeros((), jnp.int32))
+                      bad_step=jnp.zeros((), jnp.int32), loss_scale=loss_scale)
   return jax.jit(init, out_shardings=sharding)()
 
 
@@ -95,20 +103,38 @@ def make_train_step(model, tx, mean, std, seed: int):
                                 train=True, mutable=['batch_stats'], rngs={'dropout': rng})
       return cross_entropy(logits, batch['label']).mean(), (logits, new['batch_stats'])
 
-    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, parallel.AXIS)
+    if state.loss_scale is None:
+      (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params)
+      grads = jax.lax.pmean(grads, parallel.AXIS)
+      loss_scale, applied = None, jnp.isfinite(optax.tree.norm(grads))
+    else:
+      # float16: the loss is scaled up before the backward pass and the gradients down
+      # after it; a step whose gradients overflow is skipped and the scale halved.
+      scaler = dynamic_scale.DynamicScale(**state.loss_scale)
+      scaler, applied, (loss, (logits, stats)), grads = scaler.value_and_grad(
+          loss_fn, has_aux=True, axis_name=parallel.AXIS)(state.params)
+      loss_scale = {'scale': scaler.scale, 'fin_steps': scaler.fin_steps}
     # Statistics are computed per replica (unless BN is cross-replica); their running
     # averages are averaged so that every replica holds the same state.
     stats = jax.lax.pmean(stats, parallel.AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     error = jnp.mean(jnp.argmax(logits, -1) != batch['label'])
     metrics = jax.lax.pmean({'train_loss': loss, 'train_error': error}, parallel.AXIS)
-    # Every replica sees the same reduced loss and gradients, so all agree on this.
-    finite = jnp.isfinite(metrics['train_loss']) & jnp.isfinite(optax.tree.norm(grads))
+    if loss_scale is not None:
+      metrics['loss_scale'] = loss_scale['scale']
+    # Every replica sees the same reduced loss and gradients, so all agree on this. A
+    # step that loss scaling skipped is not a divergence; a non-finite loss is.
+    finite = jnp.isfinite(metrics['train_loss']) & (applied | (loss_scale is not None))
     bad_step = jnp.where(state.bad_step > 0, state.bad_step,
                          jnp.where(finite, 0, state.step + 1)).astype(jnp.int32)
     new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                     batch_stats=stats, opt_state=opt_state, bad_step=bad_step)
+                     batch_stats=stats, opt_state=opt_state, bad_step=bad_step,
+                     loss_scale=loss_scale)
+    if loss_scale is not None:  # skipped: parameters and momentum stay as they were
+      new = new.replace(**jax.tree.map(lambda old, n: jnp.where(applied, n, old),
+                                       {'params': state.params, 'opt_state': state.opt_state},
+                                       {'params': new.params, 'opt_state': new.opt_state}))
     frozen = jax.tree.map(lambda old, n: jnp.where(bad_step > 0, old, n), state, new)
     return frozen.replace(bad_step=bad_step), metrics
 

@@ -171,6 +171,47 @@ def test_bf16_computation_keeps_fp32_parameters(tmp_path):
   assert np.isfinite(float(metrics['train_loss']))
 
 
+def test_float16_with_loss_scaling_trains_like_float32_and_resumes_exactly(tmp_path):
+  step, f16 = {'optimizer.schedule': 'step'}, {'model.dtype': 'float16'}
+  _train(tiny_config(**step), tmp_path / 'f32')
+  _train(tiny_config(**step, **f16), tmp_path / 'f16')
+  _train(tiny_config(total_steps=2, **step, **f16), tmp_path / 'cut')
+  _train(tiny_config(**step, **f16), tmp_path / 'cut')
+  for a, b in zip(jax.tree.leaves(params_of(tmp_path / 'f16')),
+                  jax.tree.leaves(params_of(tmp_path / 'cut'))):
+    np.testing.assert_array_equal(a, b)
+  f32, f16 = params_of(tmp_path / 'f32'), params_of(tmp_path / 'f16')
+  assert set(f16) - set(f32) == {'loss_scale'}  # float32 checkpoints keep their layout
+  assert float(f16['loss_scale']['scale']) == 65536 and int(f16['loss_scale']['fin_steps']) == 3
+  for a, b in zip(jax.tree.leaves(f32['params']), jax.tree.leaves(f16['params'])):
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=2e-3)
+  rows = [json.loads(l) for l in (tmp_path / 'f16' / 'metrics.jsonl').read_text().splitlines()]
+  assert rows[-1]['loss_scale'] == 65536
+
+
+def test_a_float16_step_whose_gradients_overflow_is_skipped_and_the_scale_halved(tmp_path):
+  c = tiny_config(total_steps=1, **{'model.dtype': 'float16'})
+  with tfds.testing.mock_data(num_examples=48):
+    run = train.Run(config_lib.validate(c), tmp_path, devices=jax.devices()[:1])
+    batch = run.replicas.put_batch(run.train_data.batch(0))
+  state = run.init_state()
+  # 2^100 times the loss: its gradient overflows float16's range (65504) in the backward.
+  big = state.replace(loss_scale={'scale': jnp.float32(2.0 ** 100), 'fin_steps': jnp.int32(7)})
+  before = jax.device_get(big)
+  skipped, metrics = run.train_step(big, batch)
+  assert float(skipped.loss_scale['scale']) == 2.0 ** 99
+  assert int(skipped.loss_scale['fin_steps']) == 0 and int(skipped.step) == 1
+  assert int(skipped.bad_step) == 0 and np.isfinite(float(metrics['train_loss']))
+  for a, b in zip(jax.tree.leaves((before.params, before.opt_state)),
+                  jax.tree.leaves((skipped.params, skipped.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  applied, _ = run.train_step(run.init_state(), batch)  # 2^16: finite, applied
+  assert float(applied.loss_scale['scale']) == 65536 and int(applied.loss_scale['fin_steps']) == 1
+  assert not np.array_equal(before.params['classifier']['kernel'],
+                            applied.params['classifier']['kernel'])
+
+
 # --------------------------------------------------------------------------------------
 # Bad input: one clear UserError, nothing overwritten.
 
