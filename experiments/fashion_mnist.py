@@ -28,4 +28,5 @@ def get_config():
   c.eval_every = 390
   c.checkpoint_every = 200
   c.log_every = 50
+  c.probe_every = 90            # 14 probes of gradient flow over the run
   return c

@@ -15,7 +15,8 @@ from preact.errors import UserError
 # Keys a resumed run may change: they affect bookkeeping, never the trajectory.
 RUNTIME_KEYS = frozenset({'checkpoint_every', 'eval_every', 'log_every', 'keep_checkpoints',
                           'progress', 'data_dir', 'manual_dir', 'distributed',
-                          'eval_batch_size', 'prefetch', 'profile_steps'})
+                          'eval_batch_size', 'prefetch', 'profile_steps', 'probe_every',
+                          'probe_batch'})
 
 
 # Keys a resumed run takes from its record rather than from the command: they change
@@ -45,6 +46,11 @@ def base() -> ml_collections.ConfigDict:
   # (first, last): an XProf trace of those steps in WORKDIR/profile (process 0), for
   # `tensorboard --logdir WORKDIR/profile` or xprof; () = none.
   c.profile_steps = ()
+  # Every probe_every steps (and at steps 0 and total_steps), the exact ∂L/∂x_l, ratio,
+  # cosine and ‖x_l‖ per unit (preact.probes.TrainingProbe) of the state on the first
+  # probe_batch training examples, into WORKDIR/probes.jsonl and TensorBoard; 0 = never.
+  c.probe_every = 1_000
+  c.probe_batch = 32
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = 'cifar'       # cifar | imagenet
@@ -165,9 +171,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if got[key] not in choices:
       raise UserError(f'{key}={got[key]!r} is not one of: {", ".join(choices)}')
   for key in ('batch_size', 'eval_batch_size', 'total_steps', 'checkpoint_every',
-              'eval_every', 'log_every', 'keep_checkpoints'):
+              'eval_every', 'log_every', 'keep_checkpoints', 'probe_batch'):
     if not isinstance(got[key], int) or got[key] < 1:
       raise UserError(f'{key} must be a positive integer, got {got[key]!r}')
+  if not isinstance(got['probe_every'], int) or got['probe_every'] < 0:
+    raise UserError(f'probe_every must be 0 (no probes) or a positive integer, got '
+                    f'{got["probe_every"]!r}')
   for key, (low, high, low_open, high_open) in _RANGES.items():
     value = got[key]
     if (not isinstance(value, (int, float)) or isinstance(value, bool)

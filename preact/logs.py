@@ -38,6 +38,26 @@ class Writer:
         self._tb.scalar(k, v, row['step'])
     self._tb.flush()
 
+  def probe(self, row: dict):
+    """A probes.jsonl row (:func:`preact.probes.row`); in TensorBoard its summary as
+    scalars and the per-unit profile as an image."""
+    if not self.enabled:
+      return
+    with (self.path.parent / 'probes.jsonl').open('a') as f:
+      f.write(json.dumps(row) + '\n')
+    step, units = row['step'], row['units']
+    col = lambda k: np.array([np.nan if u[k] is None else u[k] for u in units], np.float64)
+    grad, ratio, cosine = col('grad_norm'), col('ratio'), col('cosine')
+    scalars = {'probe/loss': row['loss'], 'probe/grad_first_over_last': grad[0] / grad[-1],
+               'probe/ratio_min': np.nanmin(ratio), 'probe/ratio_max': np.nanmax(ratio),
+               'probe/cosine_min': np.nanmin(cosine) if np.isfinite(cosine).any() else None}
+    for k, v in scalars.items():
+      if v is not None and np.isfinite(v):
+        self._tb.scalar(k, float(v), step)
+    from preact import plots
+    self._tb.image('probe/profile', plots.profile_image(row), step)
+    self._tb.flush()
+
   def hparams(self, flat: dict):
     """The run's settings as TensorBoard hparams (lists as text), to compare runs by."""
     if self.enabled:

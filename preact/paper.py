@@ -109,7 +109,7 @@ def mini(c, depth: int):
   c.optimizer.warmup_steps, c.optimizer.warmup_lr = 20, 0.01
   c.augment.crop_padding = 0
   c.eval_every = c.checkpoint_every = 100
-  c.log_every = 20
+  c.log_every = c.probe_every = 20
   c.eval_batch_size = 1000
 
 

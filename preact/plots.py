@@ -1,5 +1,6 @@
-"""Figures: gradient and activation norms across depth, the identity-mapping test, and
-training curves in the style of the paper's Fig. 1 and Fig. 6."""
+"""Figures: gradient and activation norms across depth, the identity-mapping test,
+gradient flow over training, and training curves in the style of the paper's Fig. 1
+and Fig. 6."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ matplotlib.use('Agg')  # files only; no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
-
 
 
 def _line_style(unit: str) -> str:
@@ -117,3 +117,85 @@ def training_curves(rows, title, path):
   if rows:
     ax.legend(fontsize=7, loc='upper right')
   _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------
+# Over training: rows of probes.jsonl (preact.probes.row).
+
+
+def _columns(rows, field) -> np.ndarray:
+  """(probes, units) of one per-unit field; None (non-finite) as NaN."""
+  return np.array([[np.nan if u[field] is None else u[field] for u in r['units']]
+                   for r in rows], np.float64)
+
+
+def _stage_lines(ax, stages, vertical=True):
+  for i in np.flatnonzero(np.diff(stages)) + 1:
+    (ax.axvline if vertical else ax.axhline)(i - 0.5, color='0.6', lw=0.8, ls=':', zorder=0)
+
+
+def _profile(axes, rows, title=''):
+  """∂L/∂x_l relative to the stage's last unit, and ‖x_l‖, per unit, one line a row."""
+  cmap = plt.get_cmap('viridis')
+  for i, r in enumerate(rows):
+    color = cmap(i / max(len(rows) - 1, 1))
+    for ax, field in zip(axes, ('ratio', 'act_norm')):
+      ax.plot(_columns([r], field)[0], color=color, lw=1.2, label=f'step {r["step"]}')
+  stages = [u['stage'] for u in rows[0]['units']]
+  for ax, label in zip(axes, ('‖∂L/∂x_l‖ / ‖∂L/∂x_last of stage‖', '‖x_l‖')):
+    ax.set_yscale('log')
+    ax.set_xlabel('unit index l (stage boundaries dotted)')
+    ax.set_ylabel(label)
+    ax.grid(True, alpha=0.3)
+    _stage_lines(ax, stages)
+  axes[0].set_title(title)
+
+
+def profile_image(row) -> np.ndarray:
+  """One probe's per-unit profile as an RGB array (TensorBoard's image)."""
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+  _profile(axes, [row], f'step {row["step"]}')
+  fig.tight_layout()
+  fig.canvas.draw()
+  image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(fig)
+  return image
+
+
+def over_training(rows, title, out) -> list[str]:
+  """probe_ratio.png and probe_act_norm.png (unit × step heatmaps: log10 of ∂L/∂x_l over
+  the stage's last unit's, and of ‖x_l‖) and probe_profiles.png (per-unit curves at a
+  few steps) in ``out``; returns their names."""
+  out = epath.Path(out)
+  steps = np.array([r['step'] for r in rows])
+  stages = [u['stage'] for u in rows[0]['units']]
+  names = []
+  for field, label, cmap, centre in (
+      ('ratio', 'log10 ‖∂L/∂x_l‖ / ‖∂L/∂x_last of its stage‖', 'RdBu_r', True),
+      ('act_norm', 'log10 ‖x_l‖', 'viridis', False)):
+    with np.errstate(divide='ignore', invalid='ignore'):
+      z = np.log10(_columns(rows, field)).T  # units down, steps across
+    finite = z[np.isfinite(z)]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    kw = {}
+    if centre and finite.size:  # log ratio 0 (the identity's 1) in white
+      top = max(np.abs(finite).max(), 1e-3)
+      kw = dict(vmin=-top, vmax=top)
+    edges = np.concatenate([steps, [steps[-1] + max(np.diff(steps).min(initial=1), 1)]])
+    mesh = ax.pcolormesh(edges, np.arange(z.shape[0] + 1) - 0.5, z, cmap=cmap,
+                         shading='flat', **kw)
+    fig.colorbar(mesh, ax=ax, label=label)
+    _stage_lines(ax, stages, vertical=False)
+    ax.invert_yaxis()
+    ax.set_xlabel('training step')
+    ax.set_ylabel('unit index l')
+    ax.set_title(f'{title}: {field} over training')
+    names.append(f'probe_{field}.png')
+    _save(fig, out / names[-1])
+  picks = sorted({0, len(rows) // 4, len(rows) // 2, len(rows) - 1})
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+  _profile(axes, [rows[i] for i in picks], f'{title}: per unit at a few steps')
+  axes[1].legend(fontsize=8)
+  names.append('probe_profiles.png')
+  _save(fig, out / names[-1])
+  return names

@@ -170,11 +170,12 @@ def stage_changes(model, variables, images):
 # Whole probes as the command runs them.
 
 
-def probe_batch(config, batch: int):
-  """The first ``batch`` examples of the dataset's evaluation split, normalized."""
+def probe_batch(config, batch: int, split: str | None = None):
+  """The first ``batch`` examples of ``split`` (default: the dataset's evaluation split),
+  unaugmented and normalized."""
   from preact import data
   spec = data.spec(config.dataset)
-  images, labels = data.first_examples(config, spec.eval_split, batch)
+  images, labels = data.first_examples(config, split or spec.eval_split, batch)
   mean, std = data.channel_stats(config.dataset, config.data_dir)
   return data.normalize(images, mean, std, np.float32), labels, spec.num_classes
 
@@ -238,6 +239,62 @@ def probe_checkpoint(workdir, batch: int = 32, bn: str = 'auto') -> ProbeResult:
   r = gradient_probe(model, state, images, labels, train=bn == 'train')
   r.info.update(depth=config.model.depth, step=int(state['step']), workdir=str(workdir))
   return r
+
+
+# --------------------------------------------------------------------------------------
+# Over training.
+
+
+class TrainingProbe:
+  """The probe a run takes of its own state every ``config.probe_every`` steps: on the
+  first ``config.probe_batch`` examples of the training split (unaugmented; the same for
+  every seed and variant, so they compare on one batch), BN with that batch's statistics
+  as in the train step, and no dropout. One compiled program for the whole run."""
+
+  def __init__(self, config, model):
+    self.model = model
+    self.images, self.labels, _ = probe_batch(config, config.probe_batch, 'train')
+    self.zeros = zero_perturbations(model, self.images)
+
+  def __call__(self, params, batch_stats) -> ProbeResult:
+    variables = {'params': params, 'batch_stats': batch_stats, 'perturbations': self.zeros}
+    return gradient_probe(self.model, variables, self.images, self.labels, train=True)
+
+
+def row(step: int, result: ProbeResult) -> dict:
+  """A probes.jsonl row: the step, the probe's loss, then per unit its stage, grad_norm,
+  ratio, cosine and act_norm."""
+  return {'step': int(step), 'loss': _num(result.loss), 'units': result.units()}
+
+
+def over_training(workdir, batch: int | None = None, progress: bool = False) -> list[dict]:
+  """A run's probes over training: its probes.jsonl, or, for a run trained without
+  in-training probes, :func:`probe_checkpoints`."""
+  from etils import epath
+  from preact import logs
+  return (logs.read_jsonl(epath.Path(workdir) / 'probes.jsonl')
+          or probe_checkpoints(workdir, batch, progress))
+
+
+def probe_checkpoints(workdir, batch: int | None = None, progress: bool = False) -> list[dict]:
+  """probes.jsonl rows of every checkpoint a run kept, probed as the run probes itself
+  (:class:`TrainingProbe`; ``batch`` examples, default the run's ``probe_batch``)."""
+  from preact import checkpoint, data, runrecord
+  config = runrecord.read_config(workdir)
+  with config.unlocked():
+    config.probe_batch = batch or config.probe_batch
+  probe = TrainingProbe(config, models.from_config(config, data.spec(config.dataset).num_classes))
+  rows = []
+  ck = checkpoint.Checkpoints(workdir)
+  try:
+    for step in ck.steps():
+      state = ck.restore_arrays(step)
+      rows.append(row(step, probe(state['params'], state['batch_stats'])))
+      if progress:
+        print(f'  probed the checkpoint of step {step}', flush=True)
+  finally:
+    ck.close()
+  return rows
 
 
 def summary_table(results) -> str:

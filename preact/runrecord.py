@@ -111,10 +111,16 @@ def recorded_outcome(workdir) -> dict | None:
     return None  # cut short by a kill: the run decides again
 
 
-def truncate_metrics(workdir, step: int) -> None:
-  """Drops metrics.jsonl rows past ``step`` (logged after the checkpoint we resume
-  from), so that a resumed run logs each step once."""
-  path = epath.Path(workdir) / 'metrics.jsonl'
+def truncate_logs(workdir, step: int) -> None:
+  """Drops the rows that a run resumed at ``step`` writes again, so that each is logged
+  once: metrics.jsonl rows past ``step`` (logged after the checkpoint it resumes from),
+  and probes.jsonl rows past it, or every row when it starts over at step 0 (the probe
+  of step 0 is taken again)."""
+  _truncate(epath.Path(workdir) / 'metrics.jsonl', step)
+  _truncate(epath.Path(workdir) / 'probes.jsonl', step if step else -1)
+
+
+def _truncate(path, step: int) -> None:
   if not path.exists():
     return
   lines = [l for l in path.read_text().splitlines() if l.strip()]

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from preact import checkpoint, config as config_lib, data, logs, models, parallel, runrecord
+from preact import checkpoint, config as config_lib, data, logs, models, parallel, probes, runrecord
 from preact.errors import UserError
 from preact.step import (TrainState, init_state, make_eval_step, make_optimizer,
                          make_schedule, make_train_step)
@@ -141,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
       log.info('%s already trained to step %d', workdir, start)
       return recorded  # keep what it recorded
     if lead:
-      runrecord.truncate_metrics(workdir, start)
+      runrecord.truncate_logs(workdir, start)
     outcome = _train(run, state, start, ckpts, signals, lead)
   if lead:
     try:
@@ -168,7 +168,10 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
   progress = logs.Progress(config.progress, start, total, config.log_every)
   pending, since, step = [], (start, time.time()), start
   trace = _Trace(run.workdir, config.profile_steps, enabled=lead)
+  probe = probes.TrainingProbe(config, run.model) if config.probe_every else None
   try:
+    if probe and start == 0:
+      writer.probe(probes.row(0, probe(state.params, state.batch_stats)))
     while step < total:
       trace.before(step + 1)
       state, metrics = run.train_step(state, next(batches))
@@ -180,6 +183,8 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
       save = step % config.checkpoint_every == 0 or step == total or stop
       if (write_row or save) and _diverged(state, step, pending, outcome, writer):
         break
+      if probe and (step % config.probe_every == 0 or step == total):
+        writer.probe(probes.row(step, probe(state.params, state.batch_stats)))
       row = {}
       if write_row:
         row = _log_row(run, pending, step, since)

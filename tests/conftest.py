@@ -80,6 +80,7 @@ def tiny_config(**overrides):
   c.checkpoint_every = c.eval_every = c.log_every = 1000
   c.optimizer.schedule, c.optimizer.warmup_steps = 'cosine', 0
   c.progress = 'log'
+  c.probe_every = 0  # on where a test is about it
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split('.')

@@ -1,14 +1,18 @@
 """Gradient probes against the paper's analytic results (Eq. 5 and Eq. 7), against
-finite differences for every unit variant."""
+finite differences for every unit variant, and the probes a run takes of itself while it
+trains."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-from preact import models, probes, units
+from conftest import tiny_config
+from preact import checkpoint, models, plots, probes, train, units
 
 X = jax.random.normal(jax.random.key(0), (6, 12, 12, 3))
 Y = jnp.arange(6) % 10
@@ -144,3 +148,67 @@ def test_identity_test_is_zero_exactly_for_identity_paths():
     change = probes.stage_changes(model, models.model_state(v), X)
     assert change.shape == (3,)
     assert np.all(change == 0) == identity, (unit, change)
+
+
+# --------------------------------------------------------------------------------------
+# Over training: the probes a run takes of itself.
+
+
+def _probed_run(workdir, **overrides):
+  c = tiny_config(probe_every=1, probe_batch=8, checkpoint_every=1, keep_checkpoints=10,
+                  **overrides)
+  with tfds.testing.mock_data(num_examples=48):
+    train.train_and_evaluate(c, workdir)
+    return [json.loads(l) for l in (workdir / 'probes.jsonl').read_text().splitlines()]
+
+
+def test_the_probe_in_training_equals_the_probe_of_that_steps_checkpoint(tmp_path):
+  rows = _probed_run(tmp_path)
+  assert [r['step'] for r in rows] == [0, 1, 2, 3]
+  assert len(rows[0]['units']) == 3 and set(rows[0]['units'][0]) == {
+      'index', 'stage', 'grad_norm', 'ratio', 'cosine', 'act_norm'}
+  with tfds.testing.mock_data(num_examples=48):
+    offline = probes.probe_checkpoints(tmp_path)
+  assert [r['step'] for r in offline] == [1, 2, 3]
+  assert offline == rows[1:]  # bit for bit: the same numbers in JSON
+  assert rows[1] != rows[3]  # it trained in between
+
+
+def test_eq5_a_zeroed_full_preact_net_at_lr_0_keeps_ratio_1_at_every_probe(tmp_path):
+  """Eq. 5: x_L = x_l + Σ F = x_l while every branch is zero, so ∂L/∂x_l = ∂L/∂x_L from
+  each stage's second unit on, at every probe of a run whose lr is 0 (its warm-up)."""
+  rows = _probed_run(tmp_path, total_steps=5, **{
+      'model.depth': 20, 'model.zero_init_last': True, 'optimizer.schedule': 'step',
+      'optimizer.warmup_steps': 4, 'optimizer.warmup_lr': 0.0})
+  held = [r for r in rows if r['step'] <= 4]
+  assert [r['step'] for r in held] == [0, 1, 2, 3, 4]
+  middle = lambda r: [u for u in r['units'] if u['index'] % 3 == 1]  # 3 units a stage
+  for r in held:
+    assert [u['ratio'] for u in middle(r)] == [1.0] * 3
+    assert [u['cosine'] for u in middle(r)] == [1.0] * 3
+  assert held[0]['units'] == held[4]['units']  # nothing moved
+  # A step at lr 0.1 grows the branches, and the ratio leaves 1.
+  assert all(u['ratio'] != 1.0 for u in middle(rows[-1]))
+
+
+def test_probe_rows_are_written_once_across_a_resume(tmp_path):
+  whole = _probed_run(tmp_path / 'whole', total_steps=4, **{'optimizer.schedule': 'step'})
+  _probed_run(tmp_path / 'cut', total_steps=2, **{'optimizer.schedule': 'step'})
+  # A kill after the probe of step 2 was written but before its checkpoint was: the
+  # run resumes from step 1 and must not log step 2 twice.
+  (tmp_path / 'cut' / 'outcome.json').unlink()
+  ck = checkpoint.Checkpoints(tmp_path / 'cut')
+  ck.manager.delete(2)
+  ck.close()
+  resumed = _probed_run(tmp_path / 'cut', total_steps=4, **{'optimizer.schedule': 'step'})
+  assert resumed == whole
+
+
+def test_heatmaps_over_training_from_probes_jsonl(tmp_path):
+  rows = _probed_run(tmp_path / 'run')
+  names = plots.over_training(rows, 'ResNet-8', tmp_path)
+  assert names == ['probe_ratio.png', 'probe_act_norm.png', 'probe_profiles.png']
+  for name in names:
+    assert (tmp_path / name).read_bytes()[:4] == b'\x89PNG'
+  image = plots.profile_image(rows[0])
+  assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
