@@ -45,9 +45,8 @@ class Writer:
       return
     with (self.path.parent / 'probes.jsonl').open('a') as f:
       f.write(json.dumps(row) + '\n')
-    step, units = row['step'], row['units']
-    col = lambda k: np.array([np.nan if u[k] is None else u[k] for u in units], np.float64)
-    grad, ratio, cosine = col('grad_norm'), col('ratio'), col('cosine')
+    step = row['step']
+    grad, ratio, cosine = (unit_column(row, k) for k in ('grad_norm', 'ratio', 'cosine'))
     scalars = {'probe/loss': row['loss'], 'probe/grad_first_over_last': grad[0] / grad[-1],
                'probe/ratio_min': np.nanmin(ratio), 'probe/ratio_max': np.nanmax(ratio),
                'probe/cosine_min': np.nanmin(cosine) if np.isfinite(cosine).any() else None}
@@ -68,6 +67,12 @@ class Writer:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def unit_column(row: dict, field: str) -> np.ndarray:
+  """One per-unit field of a probes.jsonl row, in unit order; null (non-finite) as NaN."""
+  return np.array([np.nan if u[field] is None else u[field] for u in row['units']],
+                  np.float64)
 
 
 def read_jsonl(path) -> list[dict]:

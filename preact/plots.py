@@ -125,8 +125,8 @@ def training_curves(rows, title, path):
 
 def _columns(rows, field) -> np.ndarray:
   """(probes, units) of one per-unit field; None (non-finite) as NaN."""
-  return np.array([[np.nan if u[field] is None else u[field] for u in r['units']]
-                   for r in rows], np.float64)
+  from preact.logs import unit_column
+  return np.stack([unit_column(r, field) for r in rows])
 
 
 def _stage_lines(ax, stages, vertical=True):

@@ -297,6 +297,20 @@ def probe_checkpoints(workdir, batch: int | None = None, progress: bool = False)
   return rows
 
 
+def over_training_table(rows) -> str:
+  """One line per probe of a run: its loss, the first unit's gradient over the last's,
+  and the range of the per-unit ratio and cosine."""
+  lines = [f'{"step":>8} {"loss":>8} {"first/last":>10} {"min ratio":>10} {"max ratio":>10} '
+           f'{"min cosine":>10}']
+  from preact.logs import unit_column
+  for r in rows:
+    g, ratio, cosine = (unit_column(r, k) for k in ('grad_norm', 'ratio', 'cosine'))
+    lines.append(f'{r["step"]:8d} {r["loss"] or np.nan:8.4f} {g[0] / g[-1]:10.4g} '
+                 f'{np.nanmin(ratio):10.4g} {np.nanmax(ratio):10.4g} '
+                 f'{np.nanmin(cosine) if np.isfinite(cosine).any() else np.nan:10.4g}')
+  return '\n'.join(lines)
+
+
 def summary_table(results) -> str:
   """One line per probe: the paper's comparison, first unit's gradient over last's."""
   lines = [f'{"unit":<22} {"depth":>5} {"bn":<5} {"loss":>8} {"|g_first|":>10} '

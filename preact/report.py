@@ -29,6 +29,7 @@ class RunResult:
   outcome: dict
   error: float | None          # final test error %, None if never evaluated
   error_top5: float | None
+  probes: list = dataclasses.field(default_factory=list)  # probes.jsonl rows, if any
 
   @property
   def failed(self) -> bool:
@@ -79,7 +80,8 @@ def load_run(workdir) -> RunResult:
   evals = [r for r in metrics if r.get('test_error') is not None]
   error = 100 * evals[-1]['test_error'] if evals else None
   top5 = 100 * evals[-1]['test_error_top5'] if evals and 'test_error_top5' in evals[-1] else None
-  return RunResult(str(w), config, metrics, outcome, error, top5)
+  return RunResult(str(w), config, metrics, outcome, error, top5,
+                   logs.read_jsonl(w / 'probes.jsonl'))
 
 
 def _fmt(x, digits=2):
@@ -166,6 +168,28 @@ def _load_or_warn(workdir) -> RunResult | None:
     return None
 
 
+def _gradient_flow(runs: list[RunResult], out) -> str:
+  """Heatmaps of the runs that probed themselves while training (probes.jsonl), each
+  in OUT/probes/<row>_seed<N>/, and the report's section that shows them."""
+  from preact import plots
+  parts = []
+  for r in runs:
+    if len(r.probes) < 2:
+      continue
+    name = ''.join(ch if ch.isalnum() or ch in '.-' else '_' for ch in
+                   f'{r.key[1]}_seed{r.seed}')
+    where = out / 'probes' / name
+    where.mkdir(parents=True, exist_ok=True)
+    figures = plots.over_training(r.probes, f'{r.key[1]} (seed {r.seed})', where)
+    parts.append(f'### {r.key[0]}: {r.key[1]}, seed {r.seed}\n\n' + '\n'.join(
+        f'![{f}](probes/{name}/{f})' for f in figures) + '\n')
+  if not parts:
+    return ''
+  return ('\n## Gradient flow over training\n\nPer unit l and probe step: '
+          '‖∂L/∂x_l‖ over the stage\'s last unit\'s (log10; 0, white, is the identity '
+          'path of Eq. 5) and ‖x_l‖, from each run\'s probes.jsonl.\n\n' + '\n'.join(parts))
+
+
 def write(paths, out) -> str:
   """Loads the runs below ``paths`` (a run whose record cannot be read is skipped with a
   warning naming it), writes OUT/report.md and OUT/curves_*.png."""
@@ -185,5 +209,6 @@ def write(paths, out) -> str:
     plots.training_curves(rows, table, out / name)
     figures.append(name)
   text += '\n' + '\n'.join(f'![{f}]({f})' for f in figures) + '\n'
+  text += _gradient_flow(runs, out)
   (out / 'report.md').write_text(text)
   return text

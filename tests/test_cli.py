@@ -5,6 +5,7 @@ sweep and report, probe, models and bench."""
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from preact import models, train, units
 TINY = ['--config=experiments/fashion_mnist.py', '--config.model.depth=8',
         '--config.batch_size=32', '--config.total_steps=12', '--config.checkpoint_every=3',
         '--config.eval_every=1000', '--config.log_every=3', '--config.eval_batch_size=1000',
-        '--config.progress=log']
+        '--config.probe_every=4', '--config.progress=log']
 
 
 def tiny(workdir, data_dir, *extra):
@@ -52,7 +53,9 @@ def test_train_writes_its_workdir_and_eval_restores_it(reference):
   plugins = {v.metadata.plugin_data.plugin_name for e in events
              for r in tf_record.tf_record_iterator(str(e))
              for v in event_pb2.Event.FromString(r).summary.value}
-  assert 'hparams' in plugins, plugins
+  assert {'hparams', 'images'} <= plugins, plugins  # images: the probes' profiles
+  probes = [json.loads(l) for l in (reference / 'probes.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in probes] == [0, 4, 8, 12] and len(probes[0]['units']) == 3
   config = json.loads((reference / 'config.json').read_text())
   assert config['model']['depth'] == 8 and config['dataset'] == 'fashion_mnist'
 
@@ -123,6 +126,8 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(reference, tmp_path, 
   assert int(got['step']) == 12
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b)
+  # Each probe row once, and the same numbers as the uninterrupted run's.
+  assert (tmp_path / 'probes.jsonl').read_text() == (reference / 'probes.jsonl').read_text()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, fmnist_dir):
@@ -245,6 +250,27 @@ def test_probe_a_trained_run_on_its_own_data(reference, tmp_path):
   assert (out / 'grad_norm.png').exists() and 'first/last' in proc.stdout
 
 
+def test_probe_over_training_from_probes_jsonl_or_from_checkpoints(reference, tmp_path):
+  out = tmp_path / 'flow'
+  proc = run_cli('probe', f'--workdir={reference}', '--over_training', f'--out={out}',
+                 check=True)
+  assert (out / 'probes.jsonl').read_text() == (reference / 'probes.jsonl').read_text()
+  for name in ('probe_ratio.png', 'probe_act_norm.png', 'probe_profiles.png'):
+    assert (out / name).read_bytes()[:4] == b'\x89PNG'
+  assert 'min cosine' in proc.stdout and len(proc.stdout.splitlines()) >= 5
+  # A run trained without probes: every kept checkpoint is probed as the run would have.
+  bare = tmp_path / 'bare'
+  shutil.copytree(reference, bare)
+  (bare / 'probes.jsonl').unlink()
+  run_cli('probe', f'--workdir={bare}', '--over_training', f'--out={tmp_path / "bare_out"}',
+          check=True)
+  rows = [json.loads(l) for l in
+          (tmp_path / 'bare_out' / 'probes.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [6, 9, 12]  # the three checkpoints it keeps
+  in_training = json.loads((reference / 'probes.jsonl').read_text().splitlines()[-1])
+  assert rows[-1] == in_training  # bit for bit, from another process
+
+
 # --------------------------------------------------------------------------------------
 # The other commands: sweep and report, probe, models, bench.
 
@@ -294,6 +320,9 @@ def test_sweep_runs_seeds_and_report_renders_real_runs(tmp_path, fmnist_dir):
   text = run_cli('report', str(tmp_path), f'--out={tmp_path / "report"}', check=True).stdout
   assert '### table1 (mini)' in text and '| original | original | 8 |' in text
   assert '| 2 | 6.61 |' in text
+  # Mini runs probe themselves: the report draws their gradient flow over training.
+  assert '## Gradient flow over training' in text
+  assert (tmp_path / 'report' / 'probes' / 'original_seed1' / 'probe_ratio.png').exists()
 
 
 def test_preact_models_json_lists_every_variant():

@@ -3,8 +3,11 @@
   preact-probe --out=probe_out          # 10 variants at ResNet-110 and ResNet-164
   preact-probe --units=full_preact,constant_scaling --depth=1001 --batch=8 --out=o
   preact-probe --workdir=runs/fmnist --out=o   # a trained run's latest checkpoint
+  preact-probe --workdir=runs/fmnist --over_training --out=o   # its probes over training
 
-Writes OUT/probe.json and OUT/grad_norm.png, OUT/act_norm.png, OUT/identity.png.
+Writes OUT/probe.json and OUT/grad_norm.png, OUT/act_norm.png, OUT/identity.png; with
+--over_training OUT/probes.jsonl and the heatmaps OUT/probe_ratio.png,
+OUT/probe_act_norm.png and OUT/probe_profiles.png.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ _CONFIG = common.config_flag('Data and model settings (default: the embedded def
                              default=common.default_config)
 _WORKDIR = flags.DEFINE_string('workdir', None, "Probe this run's latest checkpoint on its "
                                'own data (its unit and depth).')
+_OVER = flags.DEFINE_bool('over_training', False, "With --workdir: the run's probes over "
+                          'training (its probes.jsonl, or a probe of every kept checkpoint) '
+                          'as unit × step heatmaps.')
 _UNITS = flags.DEFINE_list('units', None, 'Unit variants to probe (default: every '
                            'registered unit, preact.units.UNITS).')
 _DEPTH = flags.DEFINE_list('depth', ['110', '164'], 'CIFAR-style depths.')
@@ -43,6 +49,8 @@ def main(argv):
   from etils import epath
   from preact import plots, probes, units
   t0 = time.time()
+  if _OVER.value:
+    return _over_training(t0)
   if _WORKDIR.value:
     results = [probes.probe_checkpoint(_WORKDIR.value, _BATCH.value, _BN.value)]
     identity = None
@@ -61,6 +69,24 @@ def main(argv):
   plots.probe_figures(results, identity, out)
   print(probes.summary_table(results))
   print(f'wrote {out}/probe.json and plots in {time.time() - t0:.0f}s', flush=True)
+
+
+def _over_training(t0):
+  from etils import epath
+  from preact import plots, probes
+  if not _WORKDIR.value:
+    raise common.UserError('--over_training probes a run: pass its --workdir')
+  rows = probes.over_training(_WORKDIR.value, progress=True)
+  if not rows:
+    raise common.UserError(f'{_WORKDIR.value} has neither probes.jsonl nor checkpoints to '
+                           'probe; train it with --config.probe_every=N')
+  out = epath.Path(_OUT.value)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'probes.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  names = plots.over_training(rows, epath.Path(_WORKDIR.value).name, out)
+  print(probes.over_training_table(rows))
+  print(f'wrote {out}/probes.jsonl and {", ".join(names)} in {time.time() - t0:.0f}s',
+        flush=True)
 
 
 def _parse_depths(values):
