@@ -124,6 +124,18 @@ def op_profile(model, batch=128, image_shape=(32, 32, 3), steps=2) -> dict:
   return dict(step_ms=step_ms, **profile.profile_step(compiled.as_text(), one, steps))
 
 
+def bench_probe(model, batch=32, image_shape=(32, 32, 3), steps=3) -> float:
+  """Milliseconds of one in-training probe (:class:`preact.probes.TrainingProbe`'s work:
+  the exact ∂L/∂x_l and ‖x_l‖ of every unit on a batch, host side included)."""
+  from preact import probes
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(batch, *image_shape)), jnp.float32)
+  labels = np.arange(batch) % 10
+  variables = jax.jit(functools.partial(model.init, train=False))(models.init_key(0), x)
+  probe = lambda: probes.gradient_probe(model, variables, x, labels, train=True)
+  probe()
+  return 1e3 * _median_time(probe, steps)
+
+
 def bench_eval(model, batch=500, image_shape=(32, 32, 3), steps=5) -> float:
   """Images/s of the evaluation forward pass."""
   variables = jax.jit(functools.partial(model.init, train=False))(

@@ -282,6 +282,8 @@ def test_preact_bench_command_prints_ours_beside_pytorch():
   r = json.loads(out.strip().splitlines()[-1])
   assert r['torch']['params'] == r['params'] == 75_290
   assert r['ratio_vs_torch'] == pytest.approx(r['images_per_s'] / r['torch']['images_per_s'])
+  assert r['probe_every'] == 1000 and r['probe_ms'] > 0  # the in-training probe's cost
+  assert r['probe_overhead_pct'] == pytest.approx(100 * r['probe_ms'] / (1000 * r['step_ms']))
   before, after = r['torch_runs']  # PyTorch on either side of ours; the ratio uses the mean
   assert r['torch']['images_per_s'] == pytest.approx(
       (before['images_per_s'] + after['images_per_s']) / 2)

@@ -37,9 +37,14 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (median).')
 _TORCH = flags.DEFINE_bool('torch', False, 'Also run the PyTorch reference (needs torch).')
 _DEPTHS = flags.DEFINE_list('depths', None, 'Depths for --mode=compile/sweep.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
+_PROBE_EVERY = flags.DEFINE_integer('probe_every', None, 'The in-training probe interval '
+                                    'that probe_overhead_pct is for (default: the config '
+                                    "default, preact.config.base's probe_every).")
 for _flag in ('depth', 'batch', 'steps'):
   flags.register_validator(_flag, lambda v: v is not None and v > 0,
                            message=f'--{_flag} must be a positive integer')
+flags.register_validator('probe_every', lambda v: v is None or v > 0,
+                         message='--probe_every must be a positive integer')
 flags.register_validator(
     'depths', lambda v: v is None or all(d.strip().isdigit() and int(d) > 0 for d in v),
     message='--depths takes positive integers separated by commas, e.g. 164,1001')
@@ -76,6 +81,11 @@ def _step(bench):
                            parallelism=_PAR.value, peak_flops=peak)
   ours.update(depth=_DEPTH.value, unit=_UNIT.value,
               eval_images_per_s=bench.bench_eval(model, image_shape=(32, 32, 3)))
+  # The in-training probe (config.probe_every) as a share of the training time.
+  from preact import config as config_lib
+  every = _PROBE_EVERY.value or config_lib.base().probe_every
+  ours.update(probe_ms=bench.bench_probe(model), probe_every=every)
+  ours['probe_overhead_pct'] = 100 * ours['probe_ms'] / (every * ours['step_ms'])
   if torch_runs:
     torch_runs.append(_torch(bench, model))
     mean = lambda key: sum(r[key] for r in torch_runs) / len(torch_runs)
