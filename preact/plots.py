@@ -130,8 +130,9 @@ def _columns(rows, field) -> np.ndarray:
 
 
 def _stage_lines(ax, stages, vertical=True):
-  for i in np.flatnonzero(np.diff(stages)) + 1:
-    (ax.axvline if vertical else ax.axhline)(i - 0.5, color='0.6', lw=0.8, ls=':', zorder=0)
+  for i in np.flatnonzero(np.diff(stages)) + 1:  # over a heatmap (horizontal), under lines
+    (ax.axvline if vertical else ax.axhline)(i - 0.5, color='0.3' if not vertical else '0.6',
+                                             lw=0.8, ls=':', zorder=0 if vertical else 3)
 
 
 def _profile(axes, rows, title=''):

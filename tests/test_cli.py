@@ -271,6 +271,21 @@ def test_probe_over_training_from_probes_jsonl_or_from_checkpoints(reference, tm
   assert rows[-1] == in_training  # bit for bit, from another process
 
 
+def test_help_of_every_command_shows_its_own_flags():
+  """As installed (.venv/bin/preact-…), where absl's --help would otherwise list the
+  flags of the console script, which defines none."""
+  flags_of = {'train': '--workdir', 'eval': '--split', 'probe': '--[no]over_training',
+              'sweep': '--seeds', 'report': '--out', 'models': '--depths',
+              'bench': '--probe_every'}
+  for tool, flag in flags_of.items():
+    script = os.path.join(os.path.dirname(sys.executable), f'preact-{tool}')
+    proc = subprocess.run([script, '--help'], capture_output=True, text=True, cwd=REPO,
+                          env=cli_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f'preact-{tool}: '), proc.stdout[:200]  # its docstring
+    assert f'  {flag}' in proc.stdout, (tool, proc.stdout[-1500:])
+
+
 # --------------------------------------------------------------------------------------
 # The other commands: sweep and report, probe, models, bench.
 

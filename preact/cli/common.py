@@ -62,7 +62,7 @@ def main(tool: str):
       except UserError as e:
         print(f'{tool}: error: {e}', file=sys.stderr, flush=True)
         sys.exit(2)
-    run_main.tool = tool
+    run_main.tool, run_main.module = tool, fn.__module__
     return run_main
   return wrap
 
@@ -82,7 +82,10 @@ class _Config:
 
   @property
   def value(self):
-    return flags.FLAGS['config'].value if 'config' in flags.FLAGS else None
+    value = flags.FLAGS['config'].value if 'config' in flags.FLAGS else None
+    if value is None and _CONFIG_FLAG and _CONFIG_FLAG[1]:
+      return _CONFIG_FLAG[1]()  # no --config: the tool's default
+    return value
 
 
 def config_flag(help_text: str, default=None):
@@ -173,9 +176,10 @@ def define_config(argv, help_text: str, default=None, flag_values=flags.FLAGS):
   Returns argv without ``--config=FILE``, for the overrides to apply when it is parsed."""
   from ml_collections import config_flags
   spec = _config_spec(argv)
-  config = preload_config(spec) if spec else default() if default else None
-  if config is None:
-    if any(re.match(r'^--(?:no)?config\.', a) for a in argv):
+  overrides = any(re.match(r'^--(?:no)?config\.', a) for a in argv)
+  config = preload_config(spec) if spec else default() if default and overrides else None
+  if config is None:  # the tool's default, if any, loads when asked for (_Config.value)
+    if overrides:
       raise UserError('--config.<key>=… overrides a config file: pass --config=FILE too')
     flags.DEFINE_string('config', None, help_text, flag_values=flag_values)
     return argv
@@ -194,15 +198,31 @@ def define_config(argv, help_text: str, default=None, flag_values=flags.FLAGS):
   return rest
 
 
+def _key_flags_for_help(module: str, program: str):
+  """--help lists the key flags of the module named by argv[0]; for a console script
+  (.venv/bin/preact-train) that is the script, not the module that defines its flags."""
+  fv = flags.FLAGS
+  for name in (module, __name__):
+    for flag in fv.get_key_flags_for_module(name):
+      fv.register_key_flag_for_module(program, flag)
+
+
 def run(main_fn):
   """app.run, but a bad flag (a config file that does not load, an unknown --config.key,
   a bad value) exits 2 with one line."""
   tool = getattr(main_fn, 'tool', os.path.basename(sys.argv[0]))
+  module = getattr(main_fn, 'module', main_fn.__module__)
+  main = sys.modules['__main__']
+  if not main.__doc__ and module in sys.modules:  # a console script: --help shows the tool's
+    main.__doc__ = sys.modules[module].__doc__
 
   def parse(argv):
     try:
       if _CONFIG_FLAG is not None:
         argv = define_config(argv, *_CONFIG_FLAG)
+      _key_flags_for_help(module, argv[0])
+      if any(a in ('--help', '-h', '--helpshort', '-?') for a in argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's exits 1
       return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001
       print(f'{tool}: error: {one_line(e)}', file=sys.stderr, flush=True)
