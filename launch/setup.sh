@@ -18,10 +18,11 @@ for extra in base ${EXTRAS//,/ }; do
 done
 if [ -n "$missing" ] || [ setup.cfg -nt "$MARK" ] || [ requirements.lock -nt "$MARK" ] \
     || ! .venv/bin/python -c 'import preact' 2>/dev/null; then
-  .venv/bin/python -m pip install -q --upgrade pip
   # The lock pins every package of the tested set; extras outside it (cuda, tpu) come
-  # from setup.cfg's ranges.
-  .venv/bin/python -m pip install -q -c requirements.lock -e ".${EXTRAS:+[$EXTRAS]}"
+  # from setup.cfg's ranges. pip's warnings go to a log, shown if it fails.
+  { .venv/bin/python -m pip install -q --upgrade pip \
+      && .venv/bin/python -m pip install -q -c requirements.lock -e ".${EXTRAS:+[$EXTRAS]}"; } \
+    2> .venv/pip.log || { cat .venv/pip.log >&2; echo "setup: pip install failed" >&2; exit 1; }
   { cat "$MARK" 2>/dev/null || true; echo base; tr ',' '\n' <<< "$EXTRAS"; } \
     | grep -v '^$' | sort -u > "$MARK.new"
   mv "$MARK.new" "$MARK"

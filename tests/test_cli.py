@@ -286,6 +286,34 @@ def test_help_of_every_command_shows_its_own_flags():
     assert f'  {flag}' in proc.stdout, (tool, proc.stdout[-1500:])
 
 
+def test_a_wheel_installed_elsewhere_launches_a_table_row_from_any_directory(tmp_path,
+                                                                             fmnist_dir):
+  """pip install of a built wheel (not the checkout): the configs ship inside it, so a
+  row is named without a path, from a directory that holds nothing of preact."""
+  wheels, site, elsewhere = tmp_path / 'wheels', tmp_path / 'site', tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  pip = [sys.executable, '-m', 'pip', '-q', '--disable-pip-version-check']
+  subprocess.run([*pip, 'wheel', '--no-deps', '--no-build-isolation', '-w', str(wheels),
+                  str(REPO)], check=True, capture_output=True, cwd=tmp_path, timeout=300)
+  (wheel,) = wheels.glob('preact-*.whl')
+  subprocess.run([*pip, 'install', '--no-deps', '--target', str(site), str(wheel)],
+                 check=True, capture_output=True, timeout=300)
+  env = {**cli_env(), 'PYTHONPATH': str(site)}
+  where = subprocess.run([sys.executable, '-c', 'import preact; print(preact.__file__)'],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+  assert where.stdout.startswith(str(site)), where.stdout
+  proc = subprocess.run(
+      [sys.executable, '-m', 'preact.cli.train', '--config=table2:full_preact,depth=164,mini',
+       '--workdir=run', f'--config.data_dir={fmnist_dir}', '--config.total_steps=2',
+       '--config.optimizer.warmup_steps=0', '--config.eval_every=2',
+       '--config.eval_batch_size=1000', '--config.probe_every=0', '--config.progress=log'],
+      cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = json.loads((elsewhere / 'run' / 'config.json').read_text())
+  assert config['paper']['row'] == 'full_preact@164' and config['model']['block'] == 'bottleneck'
+  assert json.loads((elsewhere / 'run' / 'outcome.json').read_text())['step'] == 2
+
+
 # --------------------------------------------------------------------------------------
 # The other commands: sweep and report, probe, models, bench.
 

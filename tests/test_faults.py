@@ -291,7 +291,8 @@ CLI_CASES = [
        rf'^preact-train: error: cannot load --config: .*{error}')
       for name, (_, error) in CONFIG_FILES.items()],
     ('train', ['--config={tmp}/missing.py', '--workdir={tmp}/w'], 2,
-     r'cannot load --config: no such config file .*missing.py$'),
+     r'cannot load --config: no such config file .*missing.py \(the packaged experiments '
+     r'are fashion_mnist, table1, table2, table3, table4, table5\)$'),
     ('train', ['--config=experiments/table1.py:nope', '--workdir={tmp}/w'], 2,
      r"cannot load --config: unknown row 'nope'; rows: original"),
     ('train', ['--config=experiments/fashion_mnist.py', '--config.model.deepth=3',

@@ -97,12 +97,31 @@ def config_flag(help_text: str, default=None):
 
 
 def default_config():
-  """The embedded default experiment (experiments/fashion_mnist.py beside the package)."""
+  """The embedded default experiment (experiments/fashion_mnist.py)."""
+  return preload_config('fashion_mnist')
+
+
+def packaged_experiments() -> dict[str, str]:
+  """{name: file} of the experiment configs installed as preact.experiments."""
+  import importlib.util
   import pathlib
-  path = pathlib.Path(__file__).resolve().parents[2] / 'experiments' / 'fashion_mnist.py'
-  if not path.exists():
-    raise UserError(f'{path} is missing; pass --config=<experiment file>')
-  return preload_config(str(path))
+  found = importlib.util.find_spec('preact.experiments')
+  if found is None:
+    return {}
+  return {p.stem: str(p) for folder in found.submodule_search_locations or ()
+          for p in sorted(pathlib.Path(folder).glob('*.py')) if p.stem != '__init__'}
+
+
+def config_path(name: str) -> str:
+  """A --config file: a path, or the name of a packaged experiment (``table2``)."""
+  if os.path.isfile(name):
+    return os.path.abspath(name)
+  packaged = packaged_experiments()
+  stem = os.path.basename(name).removesuffix('.py')
+  if os.sep not in name and stem in packaged:
+    return packaged[stem]
+  raise UserError(f'cannot load --config: no such config file {os.path.abspath(name)} '
+                  f'(the packaged experiments are {", ".join(packaged) or "missing"})')
 
 
 # Exceptions that mean the config file's own code is wrong: report where.
@@ -134,13 +153,11 @@ def _fault(e: BaseException, path: str) -> str:
 
 
 def preload_config(spec: str):
-  """Loads ``--config=FILE[:ARG]`` as ml_collections will, so that a file that fails
-  gets one line naming the file, the line and the error, from the real exception."""
+  """Loads ``--config=FILE[:ARG]`` (FILE: a path or a packaged experiment's name), so
+  that a file that fails gets one line naming the file, the line and the error."""
   import importlib.util
   path, _, arg = spec.partition(':')
-  path = os.path.abspath(path)
-  if not os.path.isfile(path):
-    raise UserError(f'cannot load --config: no such config file {path}')
+  path = config_path(path)
   try:
     loader = importlib.util.spec_from_file_location('preact_config_check', path)
     module = importlib.util.module_from_spec(loader)
