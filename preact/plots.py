@@ -163,34 +163,53 @@ def profile_image(row) -> np.ndarray:
   return image
 
 
+_HEATMAPS = {  # field: (colorbar label, colormap, centred on log10 1 = 0)
+    'ratio': ('log10 ‖∂L/∂x_l‖ / ‖∂L/∂x_last of its stage‖', 'RdBu_r', True),
+    'act_norm': ('log10 ‖x_l‖', 'viridis', False),
+}
+
+
+def _log_field(rows, field) -> np.ndarray:
+  with np.errstate(divide='ignore', invalid='ignore'):
+    return np.log10(_columns(rows, field)).T  # units down, steps across
+
+
+def _limits(zs, centre) -> dict:
+  finite = np.concatenate([z[np.isfinite(z)] for z in zs])
+  if not finite.size:
+    return {}
+  if centre:  # log ratio 0 (the identity path's 1) in white
+    top = max(np.abs(finite).max(), 1e-3)
+    return dict(vmin=-top, vmax=top)
+  return dict(vmin=finite.min(), vmax=finite.max())
+
+
+def _heatmap(ax, rows, field, title, limits, invert=True):
+  steps = np.array([r['step'] for r in rows])
+  z = _log_field(rows, field)
+  edges = np.concatenate([steps, [steps[-1] + max(np.diff(steps).min(initial=1), 1)]])
+  mesh = ax.pcolormesh(edges, np.arange(z.shape[0] + 1) - 0.5, z, cmap=_HEATMAPS[field][1],
+                       shading='flat', **limits)
+  _stage_lines(ax, [u['stage'] for u in rows[0]['units']], vertical=False)
+  if invert:  # unit 0 on top (once only, for axes that share y)
+    ax.invert_yaxis()
+  ax.set_xlabel('training step')
+  ax.set_ylabel('unit index l')
+  ax.set_title(title)
+  return mesh
+
+
 def over_training(rows, title, out) -> list[str]:
   """probe_ratio.png and probe_act_norm.png (unit × step heatmaps: log10 of ∂L/∂x_l over
   the stage's last unit's, and of ‖x_l‖) and probe_profiles.png (per-unit curves at a
   few steps) in ``out``; returns their names."""
   out = epath.Path(out)
-  steps = np.array([r['step'] for r in rows])
-  stages = [u['stage'] for u in rows[0]['units']]
   names = []
-  for field, label, cmap, centre in (
-      ('ratio', 'log10 ‖∂L/∂x_l‖ / ‖∂L/∂x_last of its stage‖', 'RdBu_r', True),
-      ('act_norm', 'log10 ‖x_l‖', 'viridis', False)):
-    with np.errstate(divide='ignore', invalid='ignore'):
-      z = np.log10(_columns(rows, field)).T  # units down, steps across
-    finite = z[np.isfinite(z)]
+  for field, (label, _, centre) in _HEATMAPS.items():
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    kw = {}
-    if centre and finite.size:  # log ratio 0 (the identity's 1) in white
-      top = max(np.abs(finite).max(), 1e-3)
-      kw = dict(vmin=-top, vmax=top)
-    edges = np.concatenate([steps, [steps[-1] + max(np.diff(steps).min(initial=1), 1)]])
-    mesh = ax.pcolormesh(edges, np.arange(z.shape[0] + 1) - 0.5, z, cmap=cmap,
-                         shading='flat', **kw)
+    mesh = _heatmap(ax, rows, field, f'{title}: {field} over training',
+                    _limits([_log_field(rows, field)], centre))
     fig.colorbar(mesh, ax=ax, label=label)
-    _stage_lines(ax, stages, vertical=False)
-    ax.invert_yaxis()
-    ax.set_xlabel('training step')
-    ax.set_ylabel('unit index l')
-    ax.set_title(f'{title}: {field} over training')
     names.append(f'probe_{field}.png')
     _save(fig, out / names[-1])
   picks = sorted({0, len(rows) // 4, len(rows) // 2, len(rows) - 1})
@@ -200,3 +219,18 @@ def over_training(rows, title, out) -> list[str]:
   names.append('probe_profiles.png')
   _save(fig, out / names[-1])
   return names
+
+
+def compare_over_training(runs: dict, field: str, path):
+  """{name: probes.jsonl rows} side by side on one colour scale: which variants keep
+  the identity path (ratio 1, white) while they train."""
+  label, _, centre = _HEATMAPS[field]
+  limits = _limits([_log_field(rows, field) for rows in runs.values()], centre)
+  fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 1.2, 4.2), squeeze=False,
+                           sharey=True)
+  for i, (ax, (name, rows)) in enumerate(zip(axes[0], runs.items())):
+    mesh = _heatmap(ax, rows, field, name, limits, invert=i == 0)
+  for ax in axes[0][1:]:
+    ax.set_ylabel('')
+  fig.colorbar(mesh, ax=list(axes[0]), label=label)
+  _save(fig, path)

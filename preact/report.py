@@ -185,9 +185,16 @@ def _gradient_flow(runs: list[RunResult], out) -> str:
         f'![{f}](probes/{name}/{f})' for f in figures) + '\n')
   if not parts:
     return ''
+  together = ''
+  probed = {f'{r.key[1]} (seed {r.seed})': r.probes for r in runs if len(r.probes) >= 2}
+  if len(probed) > 1:
+    for field in ('ratio', 'act_norm'):
+      plots.compare_over_training(probed, field, out / 'probes' / f'all_{field}.png')
+    together = '![all_ratio](probes/all_ratio.png)\n![all_act_norm](probes/all_act_norm.png)\n\n'
   return ('\n## Gradient flow over training\n\nPer unit l and probe step: '
           '‖∂L/∂x_l‖ over the stage\'s last unit\'s (log10; 0, white, is the identity '
-          'path of Eq. 5) and ‖x_l‖, from each run\'s probes.jsonl.\n\n' + '\n'.join(parts))
+          'path of Eq. 5) and ‖x_l‖, from each run\'s probes.jsonl.\n\n' + together +
+          '\n'.join(parts))
 
 
 def write(paths, out) -> str:
