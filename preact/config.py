@@ -16,7 +16,7 @@ from preact.errors import UserError
 RUNTIME_KEYS = frozenset({'checkpoint_every', 'eval_every', 'log_every', 'keep_checkpoints',
                           'progress', 'data_dir', 'manual_dir', 'distributed',
                           'eval_batch_size', 'prefetch', 'profile_steps', 'probe_every',
-                          'probe_batch'})
+                          'probe_batch', 'experiment'})
 
 
 # Keys a resumed run takes from its record rather than from the command: they change
@@ -27,6 +27,7 @@ RECORD_KEYS = frozenset({'parallelism'})
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.experiment = ''            # the config file's name (set on loading it): titles reports
   c.dataset = 'cifar10'        # cifar10 | cifar100 | fashion_mnist | imagenet2012
   c.data_dir = ''              # TFDS data_dir ('' = TFDS's default); may be gs://
   c.manual_dir = ''            # imagenet2012's manually downloaded archives

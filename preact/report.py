@@ -50,7 +50,8 @@ class RunResult:
     if p.get('table'):
       return (p['table'] + (' (mini)' if p.get('mini') else ''), p['row'])
     m = self.config['model']
-    return ('other', f'{self.config["dataset"]} {m["unit"]} {m["depth"]} {m["block"]}')
+    return (self.config.get('experiment') or 'other',
+            f'{self.config["dataset"]} {m["unit"]} {m["depth"]} {m["block"]}')
 
 
 def find_runs(paths) -> list[str]:

@@ -58,6 +58,7 @@ def test_train_writes_its_workdir_and_eval_restores_it(reference):
   assert [r['step'] for r in probes] == [0, 4, 8, 12] and len(probes[0]['units']) == 3
   config = json.loads((reference / 'config.json').read_text())
   assert config['model']['depth'] == 8 and config['dataset'] == 'fashion_mnist'
+  assert config['experiment'] == 'fashion_mnist'  # the file it came from
 
   proc = run_cli('eval', f'--workdir={reference}', check=True)
   result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -269,6 +270,13 @@ def test_probe_over_training_from_probes_jsonl_or_from_checkpoints(reference, tm
   assert [r['step'] for r in rows] == [6, 9, 12]  # the three checkpoints it keeps
   in_training = json.loads((reference / 'probes.jsonl').read_text().splitlines()[-1])
   assert rows[-1] == in_training  # bit for bit, from another process
+
+
+def test_a_single_runs_report_is_titled_by_its_experiment(reference, tmp_path):
+  text = run_cli('report', str(reference), f'--out={tmp_path}', check=True).stdout
+  assert '### fashion_mnist\n' in text and '| fashion_mnist full_preact 8 basic |' in text
+  assert '## Gradient flow over training' in text  # it probed itself: probe_every=4
+  assert (tmp_path / 'curves_fashion_mnist.png').exists()
 
 
 def test_help_of_every_command_shows_its_own_flags():

@@ -168,9 +168,13 @@ def preload_config(spec: str):
     raise UserError(f'cannot load --config: {path} defines no get_config(); a config file '
                     'returns its ConfigDict from it')
   try:
-    return module.get_config(arg) if arg else module.get_config()
+    config = module.get_config(arg) if arg else module.get_config()
   except Exception as e:  # noqa: BLE001
     raise UserError(f'cannot load --config: {_fault(e, path)}') from None
+  if 'experiment' in config and not config.experiment:  # what titles the run's report
+    with config.unlocked():
+      config.experiment = os.path.basename(path).removesuffix('.py')
+  return config
 
 
 def check_overrides(config, argv):
