@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU figures of the README's performance section, each ratio measured in one run
+# The CPU figures of docs/performance.md, each ratio measured in one run
 # (ours, then the PyTorch reference, in the same process tree). About 25 minutes on
 # 2 cores; run it on a quiet machine. JSON files land in $OUT (default
 # experiments/results/bench_cpu). Usage: bash launch/cpu_bench.sh

@@ -73,7 +73,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'    # computation dtype; parameters and BN statistics stay fp32
   c.model.scan = True
   # Recompute each unit's activations in the backward pass instead of storing them:
-  # auto = on for CPU from depth 56, where it is also faster (README, Performance).
+  # auto = on for CPU from depth 56, where it is also faster (docs/performance.md).
   c.model.remat = 'auto'       # auto | on | off
   c.model.cpu_kernels = 'auto'  # XLA:CPU conv and BN formulations: auto (on for CPU) | on | off
 
