@@ -161,6 +161,8 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
   if start == 0:
     writer.hparams(config_lib.flatten(config))
   outcome = {'status': 'completed', 'step': start, 'reason': '', 'test_error': None}
+  # Its batch is read before the prefetch thread starts reading the training data.
+  probe = probes.TrainingProbe(config, run.model) if config.probe_every else None
   batches = None
   if start < total:
     batches = data.Prefetch(run.train_data.batches(start), run.replicas.put_batch,
@@ -168,7 +170,6 @@ def _train(run: Run, state: TrainState, start: int, ckpts, signals: runrecord.Si
   progress = logs.Progress(config.progress, start, total, config.log_every)
   pending, since, step = [], (start, time.time()), start
   trace = _Trace(run.workdir, config.profile_steps, enabled=lead)
-  probe = probes.TrainingProbe(config, run.model) if config.probe_every else None
   try:
     if probe and start == 0:
       writer.probe(probes.row(0, probe(state.params, state.batch_stats)))
