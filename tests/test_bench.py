@@ -6,6 +6,7 @@ import pytest
 from preact import bench, models, units
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('placement', list(units.PLACEMENTS))
 def test_pytorch_reference_has_our_parameter_count(placement):
   torch_ref = pytest.importorskip('preact.bench_torch')
@@ -17,6 +18,7 @@ def test_pytorch_reference_has_our_parameter_count(placement):
     assert theirs == ours
 
 
+@pytest.mark.slow
 def test_bench_train_reports_speed_memory_and_mfu():
   model = bench.cifar_model(8, 'basic')
   r = bench.bench_train(model, batch=8, steps=2, warmup=1, peak_flops=bench.matmul_peak(n=512))
@@ -26,6 +28,7 @@ def test_bench_train_reports_speed_memory_and_mfu():
   assert r['images_per_s'] == pytest.approx(8 / (r['step_ms'] / 1e3))
 
 
+@pytest.mark.slow
 def test_remat_plans_less_memory_and_compile_only_runs_nothing():
   plain = bench.bench_train(bench.cifar_model(20, 'basic'), batch=8, steps=0)
   remat = bench.bench_train(bench.cifar_model(20, 'basic', remat='on'), batch=8, steps=0)
@@ -40,6 +43,7 @@ def test_pipeline_throughput_is_measured_without_tfds():
   assert bench.pipeline_images_per_s(images, labels, batch=16, padding=4, steps=3) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('cpu_kernels', ['on', 'off'])
 def test_profile_puts_every_executed_op_of_the_step_in_a_kind(cpu_kernels):
   from preact import profile

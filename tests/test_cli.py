@@ -19,6 +19,8 @@ import pytest
 from conftest import REPO, cli_env, params_of, run_cli
 from preact import models, train, units
 
+pytestmark = pytest.mark.slow  # every test here starts command-line processes
+
 TINY = ['--config=experiments/fashion_mnist.py', '--config.model.depth=8',
         '--config.batch_size=32', '--config.total_steps=12', '--config.checkpoint_every=3',
         '--config.eval_every=1000', '--config.log_every=3', '--config.eval_batch_size=1000',
@@ -156,7 +158,7 @@ def test_two_processes_train_like_one_process(tmp_path, fmnist_dir):
   # Under pmap, whose state is host-local with several processes (parallel.Replicas);
   # the default shard_map runs two processes below.
   steps = ['--config.total_steps=3', '--config.log_every=1', '--config.checkpoint_every=3',
-           '--config.parallelism=pmap']
+           '--config.parallelism=pmap', '--config.probe_every=0']
   run_cli('train', *tiny(tmp_path / 'one', fmnist_dir, *steps), devices=2, check=True)
   port = _free_port()
   procs = [subprocess.Popen(
@@ -195,7 +197,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, fmnist
   """A preempted host must not leave the others waiting in a collective: both processes
   stop at the same step, save one checkpoint and exit 143; resumed, the run ends where
   an uninterrupted one does, bit for bit."""
-  steps = ['--config.total_steps=100', '--config.log_every=1',
+  steps = ['--config.total_steps=30', '--config.log_every=1', '--config.probe_every=10',
            '--config.checkpoint_every=1000', '--config.eval_every=1000']
   procs = _two_processes(tmp_path / 'cut', fmnist_dir, *steps)
   deadline = time.time() + 300
@@ -208,14 +210,14 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, fmnist
     assert p.returncode == 143, err[-3000:]
   assert time.time() - signalled < 60
   outcome = json.loads((tmp_path / 'cut' / 'outcome.json').read_text())
-  assert outcome['status'] == 'preempted' and 0 < outcome['step'] < 100
+  assert outcome['status'] == 'preempted' and 0 < outcome['step'] < 30
   assert outcome['step'] % train.STOP_CHECK_EVERY == 0
   assert int(params_of(tmp_path / 'cut')['step']) == outcome['step']
 
   _finish(_two_processes(tmp_path / 'cut', fmnist_dir, *steps))
   _finish(_two_processes(tmp_path / 'whole', fmnist_dir, *steps))
   resumed, whole = params_of(tmp_path / 'cut'), params_of(tmp_path / 'whole')
-  assert int(resumed['step']) == 100
+  assert int(resumed['step']) == 30
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
 
@@ -379,17 +381,16 @@ def test_sweep_runs_seeds_and_report_renders_real_runs(tmp_path, fmnist_dir):
 
 
 def test_preact_models_json_lists_every_variant():
-  out = run_cli('models', '--json', '--depths=20,1001', check=True)
+  out = run_cli('models', '--json', '--depths=20,29', check=True)
   rows = json.loads(out.stdout)
   got = {(r['depth'], r['block'], r['unit']) for r in rows}
   for u in units.UNITS:
-    assert (1001, 'bottleneck', u) in got and (20, 'basic', u) in got
-  assert (1001, 'basic', 'original') not in got  # 999 is not a multiple of 6
+    assert (29, 'bottleneck', u) in got and (20, 'basic', u) in got
+  assert (29, 'basic', 'original') not in got  # 27 is not a multiple of 6
   r = next(r for r in rows if (r['depth'], r['block'], r['unit']) ==
-           (1001, 'bottleneck', 'full_preact'))
-  assert r['params'] == models.count_params(models.init_shapes(
-      models.cifar_resnet(1001, 'full_preact', 'bottleneck'), (32, 32, 3))['params'])
-  assert r['flops'] > 2.5e9
+           (29, 'bottleneck', 'full_preact'))
+  model = models.cifar_resnet(29, 'full_preact', 'bottleneck')
+  assert (r['params'], r['flops']) == models.size_and_flops(model, (32, 32, 3))
 
 
 def test_preact_probe_command_writes_json_and_plots(tmp_path, fmnist_dir):

@@ -9,6 +9,7 @@ from preact import config as config_lib, data, imagenet
 from preact.errors import UserError
 
 
+@pytest.mark.slow
 def test_fashion_mnist_is_prepared_offline_from_debian_files(fmnist_dir):
   train_x, train_y = data.load_arrays('fashion_mnist', 'train', fmnist_dir)
   test_x, test_y = data.load_arrays('fashion_mnist', 'test', fmnist_dir)
@@ -101,6 +102,7 @@ def _imagenet_config(**aug):
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['scale', 'scale_aspect'])
 def test_imagenet_stream_is_deterministic_and_resumable(mode):
   with tfds.testing.mock_data(num_examples=10):

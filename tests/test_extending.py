@@ -32,6 +32,7 @@ def get_config():
 '''
 
 
+@pytest.mark.slow
 def test_a_unit_registered_in_one_place_configures_builds_probes_and_plots(
     monkeypatch, tmp_path):
   monkeypatch.setitem(units.UNITS, 'scaled_branch', units.UnitDef('full_preact', BranchScaled))

@@ -106,6 +106,7 @@ RECORD_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,damage,overrides,error', RECORD_CASES,
                          ids=[c[0] for c in RECORD_CASES])
 def test_a_bad_run_record_is_refused_and_left_alone(trained, tmp_path, name, damage,
@@ -156,6 +157,7 @@ def test_a_bad_config_is_one_error_and_creates_nothing(tmp_path, name, overrides
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over(tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
@@ -164,6 +166,7 @@ def test_a_stale_lock_is_taken_over(tmp_path):
   assert out['status'] == 'completed' and not (workdir / '.lock').exists()
 
 
+@pytest.mark.slow
 def test_resume_drops_metric_rows_past_the_restored_step(trained, tmp_path):
   workdir = _copy(trained, tmp_path / 'run')
   ckpt = workdir / 'checkpoints' / '2'
@@ -177,6 +180,7 @@ def test_resume_drops_metric_rows_past_the_restored_step(trained, tmp_path):
   assert [r['step'] for r in rows] == [1, 2]
 
 
+@pytest.mark.slow
 def test_divergence_stops_at_the_first_bad_step_and_saves_no_bad_state(tmp_path):
   c = tiny_config(total_steps=12, log_every=10, checkpoint_every=5)
   c.optimizer.lr, c.optimizer.schedule = 1e30, 'step'  # step 2 applies an overflowed update
@@ -201,6 +205,7 @@ def test_divergence_stops_at_the_first_bad_step_and_saves_no_bad_state(tmp_path)
   assert _hashes(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_a_failed_save_stops_the_run_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
   real = checkpoint.Checkpoints.save
 
@@ -235,6 +240,7 @@ def _tiny_args(workdir, fmnist_dir, *extra):
           *extra]
 
 
+@pytest.mark.slow
 def test_sigint_saves_and_exits_130(tmp_path, fmnist_dir):
   proc = subprocess.Popen([sys.executable, '-m', 'preact.cli.train',
                            *_tiny_args(tmp_path, fmnist_dir, '--config.total_steps=100000',
@@ -322,6 +328,7 @@ CLI_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('tool,args,code,error', CLI_CASES,
                          ids=[f'{c[0]}-{i}' for i, c in enumerate(CLI_CASES)])
 def test_cli_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, tool, args, code, error):
@@ -354,6 +361,7 @@ def test_offline_download_fails_in_seconds_with_the_remedy(tmp_path, monkeypatch
   assert not (tmp_path / 'w').exists()
 
 
+@pytest.mark.slow
 def test_report_skips_a_broken_run_with_a_warning(trained, tmp_path, capsys):
   from preact import report
   good = _copy(trained, tmp_path / 'runs' / 'good')

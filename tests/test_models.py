@@ -360,6 +360,7 @@ def test_flops_extrapolation_is_exact():
 
 @pytest.mark.parametrize('unit,block', [('full_preact', 'bottleneck'), ('original', 'basic'),
                                         ('dropout_shortcut', 'basic')])
+@pytest.mark.slow
 def test_scanned_and_unrolled_nets_agree(unit, block):
   depth = 29 if block == 'bottleneck' else 20
   scanned = models.cifar_resnet(depth, unit, block, num_classes=5)
@@ -389,6 +390,7 @@ def test_scanned_and_unrolled_nets_agree(unit, block):
   tree_close(models.unscan(ns), nu)
 
 
+@pytest.mark.slow
 def test_remat_changes_nothing_but_memory():
   base = models.cifar_resnet(20, 'full_preact', num_classes=3)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))

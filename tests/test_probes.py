@@ -70,6 +70,7 @@ def test_constant_scaling_multiplies_the_gradient_by_lambda_per_unit(scale):
   assert r.grad_norm[0] / r.grad_norm[5] == pytest.approx(scale ** 5, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_original_unit_gradient_is_masked_by_the_after_addition_relus():
   """F made a constant: the last BN's scale 0 and a random β per channel, so the branch
   adds β_l whatever its input and x_{l+1} = ReLU(x_l + β_l). Only the after-addition
@@ -104,6 +105,7 @@ def test_original_unit_gradient_is_masked_by_the_after_addition_relus():
   assert bitten >= 10  # the masks cut the gradient: the ratio is not 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('unit', list(units.UNITS))
 def test_probe_agrees_with_finite_differences_in_float64(unit):
   with jax.enable_x64(True):
@@ -162,6 +164,7 @@ def _probed_run(workdir, **overrides):
     return [json.loads(l) for l in (workdir / 'probes.jsonl').read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_the_probe_in_training_equals_the_probe_of_that_steps_checkpoint(tmp_path):
   rows = _probed_run(tmp_path)
   assert [r['step'] for r in rows] == [0, 1, 2, 3]
@@ -174,6 +177,7 @@ def test_the_probe_in_training_equals_the_probe_of_that_steps_checkpoint(tmp_pat
   assert rows[1] != rows[3]  # it trained in between
 
 
+@pytest.mark.slow
 def test_eq5_a_zeroed_full_preact_net_at_lr_0_keeps_ratio_1_at_every_probe(tmp_path):
   """Eq. 5: x_L = x_l + Σ F = x_l while every branch is zero, so ∂L/∂x_l = ∂L/∂x_L from
   each stage's second unit on, at every probe of a run whose lr is 0 (its warm-up)."""
@@ -191,6 +195,7 @@ def test_eq5_a_zeroed_full_preact_net_at_lr_0_keeps_ratio_1_at_every_probe(tmp_p
   assert all(u['ratio'] != 1.0 for u in middle(rows[-1]))
 
 
+@pytest.mark.slow
 def test_probe_rows_are_written_once_across_a_resume(tmp_path):
   whole = _probed_run(tmp_path / 'whole', total_steps=4, **{'optimizer.schedule': 'step'})
   _probed_run(tmp_path / 'cut', total_steps=2, **{'optimizer.schedule': 'step'})
@@ -204,6 +209,7 @@ def test_probe_rows_are_written_once_across_a_resume(tmp_path):
   assert resumed == whole
 
 
+@pytest.mark.slow
 def test_heatmaps_over_training_from_probes_jsonl(tmp_path):
   rows = _probed_run(tmp_path / 'run')
   names = plots.over_training(rows, 'ResNet-8', tmp_path)

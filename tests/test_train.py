@@ -68,6 +68,7 @@ def _train(config, workdir, devices=None):
     return train.train_and_evaluate(config, workdir, devices=devices)
 
 
+@pytest.mark.slow
 def test_pmap_and_shard_map_agree_after_three_steps(tmp_path):
   assert jax.device_count() == 8
   out = {}
@@ -82,6 +83,7 @@ def test_pmap_and_shard_map_agree_after_three_steps(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cross_replica_bn_on_8_devices_equals_one_device(tmp_path):
   c = tiny_config(bn_cross_replica=True)
   _train(c, tmp_path / 'eight')
@@ -96,6 +98,7 @@ def test_cross_replica_bn_on_8_devices_equals_one_device(tmp_path):
                  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c_)))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_restores_and_resumes_on_1(tmp_path):
   c = tiny_config(total_steps=2, **{'optimizer.schedule': 'step'})  # extensible
   _train(c, tmp_path)
@@ -112,6 +115,7 @@ def test_checkpoint_from_8_devices_restores_and_resumes_on_1(tmp_path):
                             resumed['params']['classifier']['kernel'])
 
 
+@pytest.mark.slow
 def test_a_run_resumes_with_its_recorded_parallelism(tmp_path, caplog):
   """A run started under pmap (the default before shard_map) and resumed by a command
   that says shard_map goes on under pmap, bit for bit as if never stopped."""
@@ -127,6 +131,7 @@ def test_a_run_resumes_with_its_recorded_parallelism(tmp_path, caplog):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_evaluation_counts_every_test_example_once(tmp_path):
   c = tiny_config(total_steps=1, eval_batch_size=32)  # 48 = 32 + 16 padded
   with tfds.testing.mock_data(num_examples=48):
@@ -146,6 +151,7 @@ def test_evaluation_counts_every_test_example_once(tmp_path):
   assert result['error'] == pytest.approx(want_error)
 
 
+@pytest.mark.slow
 def test_divergence_is_recorded_as_the_outcome(tmp_path):
   c = tiny_config(total_steps=8, log_every=2)
   c.optimizer.lr = 1e30  # the first update overflows every parameter
@@ -171,6 +177,7 @@ def test_bf16_computation_keeps_fp32_parameters(tmp_path):
   assert np.isfinite(float(metrics['train_loss']))
 
 
+@pytest.mark.slow
 def test_float16_with_loss_scaling_trains_like_float32_and_resumes_exactly(tmp_path):
   step, f16 = {'optimizer.schedule': 'step'}, {'model.dtype': 'float16'}
   _train(tiny_config(**step), tmp_path / 'f32')
@@ -190,6 +197,7 @@ def test_float16_with_loss_scaling_trains_like_float32_and_resumes_exactly(tmp_p
   assert rows[-1]['loss_scale'] == 65536
 
 
+@pytest.mark.slow
 def test_a_float16_step_whose_gradients_overflow_is_skipped_and_the_scale_halved(tmp_path):
   c = tiny_config(total_steps=1, **{'model.dtype': 'float16'})
   with tfds.testing.mock_data(num_examples=48):
@@ -272,6 +280,7 @@ def test_unknown_config_key_is_a_user_error(tmp_path):
     train.train_and_evaluate(c, tmp_path)
 
 
+@pytest.mark.slow
 def test_workdir_of_another_run_is_refused_and_left_alone(tmp_path):
   _train(tiny_config(total_steps=1), tmp_path)
   before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
@@ -282,6 +291,7 @@ def test_workdir_of_another_run_is_refused_and_left_alone(tmp_path):
   _train(tiny_config(total_steps=1, log_every=7), tmp_path)
 
 
+@pytest.mark.slow
 def test_missing_and_corrupt_checkpoints_are_user_errors(tmp_path):
   with pytest.raises(UserError, match='holds no run'):
     train.evaluate_checkpoint(tmp_path / 'nothing')
@@ -307,6 +317,7 @@ def test_unreadable_data_dir_is_a_user_error(tmp_path):
     train.train_and_evaluate(tiny_config(data_dir=str(blocker / 'tfds')), tmp_path / 'w')
 
 
+@pytest.mark.slow
 def test_profile_steps_write_an_xprof_trace_of_those_steps(tmp_path):
   outcome = _train(tiny_config(profile_steps=(2, 3)), tmp_path, devices=jax.devices()[:1])
   assert outcome['status'] == 'completed'
