@@ -1,6 +1,8 @@
 """Input pipelines: real Fashion-MNIST offline, mocked CIFAR/ImageNet, determinism,
 per-process sharding and exactly-once evaluation."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -129,3 +131,20 @@ def test_imagenet_eval_covers_every_example_once():
     c.eval_batch_size = 8
     counts = [len(list(imagenet.eval_batches(c, 'validation', p, 2))) for p in range(2)]
     assert counts == [2, 2]
+
+
+def test_a_split_is_decoded_once_and_then_read_from_beside_tfds_files(fmnist_dir):
+  path = data._decoded_path(data.builder('fashion_mnist', fmnist_dir), 'test')
+  if os.path.exists(path):
+    os.remove(path)
+  data.load_arrays.cache_clear()
+  decoded = data.load_arrays('fashion_mnist', 'test', fmnist_dir)  # through tf.data
+  assert os.path.exists(path)
+  data.load_arrays.cache_clear()
+  kept = data.load_arrays('fashion_mnist', 'test', fmnist_dir)
+  for a, b in zip(decoded, kept):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  assert decoded[0].shape == (10_000, 28, 28, 1)
+  with tfds.testing.mock_data(num_examples=4):  # mocked data is never kept
+    assert data._decoded_path(data.builder('cifar10'), 'train') is None
