@@ -180,8 +180,7 @@ def builder(name: str, data_dir: str = '', manual_dir: str = ''):
     hook = DATASETS[name].prepare if name in DATASETS else None
     if hook is not None and hook(data_dir, manual_dir):
       return tfds.builder(name, data_dir=data_dir)
-    # tfds.testing.mock_data swaps download_and_prepare for a no-op that downloads nothing.
-    if type(b).download_and_prepare.__name__ == 'download_and_prepare':
+    if not _mocked(b):
       _check_reachable(name, data_dir)
     config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
     b.download_and_prepare(download_config=config)
@@ -240,10 +239,14 @@ def load_arrays(name: str, split: str, data_dir: str = '') -> tuple[np.ndarray, 
   return images, labels
 
 
+def _mocked(b) -> bool:
+  """Under tfds.testing.mock_data, which swaps download_and_prepare for a no-op."""
+  return type(b).download_and_prepare.__name__ != 'download_and_prepare'
+
+
 def _decoded_path(b, split: str) -> str | None:
   where = str(b.data_dir)
-  mocked = type(b).download_and_prepare.__name__ != 'download_and_prepare'
-  if mocked or '://' in where or not os.path.isdir(where):
+  if _mocked(b) or '://' in where or not os.path.isdir(where):
     return None
   return os.path.join(where, 'preact-' + ''.join(
       ch if ch.isalnum() else '_' for ch in split) + '.npz')

@@ -171,12 +171,13 @@ def _load_or_warn(workdir) -> RunResult | None:
 
 def _gradient_flow(runs: list[RunResult], out) -> str:
   """Heatmaps of the runs that probed themselves while training (probes.jsonl), each
-  in OUT/probes/<row>_seed<N>/, and the report's section that shows them."""
+  in OUT/probes/<row>_seed<N>/, all of them side by side, and the report's section."""
   from preact import plots
+  probed = [r for r in runs if len(r.probes) >= 2]
+  if not probed:
+    return ''
   parts = []
-  for r in runs:
-    if len(r.probes) < 2:
-      continue
+  for r in probed:
     name = ''.join(ch if ch.isalnum() or ch in '.-' else '_' for ch in
                    f'{r.key[1]}_seed{r.seed}')
     where = out / 'probes' / name
@@ -184,13 +185,11 @@ def _gradient_flow(runs: list[RunResult], out) -> str:
     figures = plots.over_training(r.probes, f'{r.key[1]} (seed {r.seed})', where)
     parts.append(f'### {r.key[0]}: {r.key[1]}, seed {r.seed}\n\n' + '\n'.join(
         f'![{f}](probes/{name}/{f})' for f in figures) + '\n')
-  if not parts:
-    return ''
   together = ''
-  probed = {f'{r.key[1]} (seed {r.seed})': r.probes for r in runs if len(r.probes) >= 2}
   if len(probed) > 1:
+    named = {f'{r.key[1]} (seed {r.seed})': r.probes for r in probed}
     for field in ('ratio', 'act_norm'):
-      plots.compare_over_training(probed, field, out / 'probes' / f'all_{field}.png')
+      plots.compare_over_training(named, field, out / 'probes' / f'all_{field}.png')
     together = '![all_ratio](probes/all_ratio.png)\n![all_act_norm](probes/all_act_norm.png)\n\n'
   return ('\n## Gradient flow over training\n\nPer unit l and probe step: '
           '‖∂L/∂x_l‖ over the stage\'s last unit\'s (log10; 0, white, is the identity '
