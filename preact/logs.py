@@ -20,10 +20,7 @@ class Writer:
   def __init__(self, workdir, enabled: bool = True):
     self.enabled = enabled
     self.path = epath.Path(workdir) / 'metrics.jsonl'
-    self._tb = None
-    if enabled:
-      from flax.metrics import tensorboard
-      self._tb = tensorboard.SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
+    self._tb = TensorBoard(epath.Path(workdir) / 'tensorboard') if enabled else None
 
   def write(self, row: dict):
     if not self.enabled:
@@ -54,7 +51,7 @@ class Writer:
       if v is not None and np.isfinite(v):
         self._tb.scalar(k, float(v), step)
     from preact import plots
-    self._tb.image('probe/profile', plots.profile_image(row), step)
+    self._tb.image('probe/profile', plots.profile_png(row), step)
     self._tb.flush()
 
   def hparams(self, flat: dict):
@@ -67,6 +64,65 @@ class Writer:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+class TensorBoard:
+  """TensorBoard event files: TensorBoard's record format and summary protos.
+
+  Not through TensorFlow (tf.summary, as flax.metrics.tensorboard writes, or
+  TensorBoard's EventFileWriter, whose tf.io.gfile imports it): importing TensorFlow
+  costs every run, probe and evaluation 5 s at start-up, and nothing else in an
+  in-memory run needs it. Files go through epath, so gs:// workdirs work as before."""
+
+  def __init__(self, logdir):
+    import os
+    import socket
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    logdir = epath.Path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    # TensorBoard's file naming: one file per writer, read in order of their names.
+    name = f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}'
+    self._records = RecordWriter((logdir / name).open('wb'))
+    self._write(file_version='brain.Event:2')
+    self.flush()
+
+  def _write(self, step: int = 0, **fields):
+    from tensorboard.compat.proto import event_pb2
+    event = event_pb2.Event(wall_time=time.time(), step=int(step), **fields)
+    self._records.write(event.SerializeToString())
+
+  def _summary(self, step: int, tag: str, metadata, tensor):
+    from tensorboard.compat.proto import summary_pb2
+    self._write(step, summary=summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=tag, metadata=metadata, tensor=tensor)]))
+
+  def scalar(self, tag: str, value: float, step: int):
+    from tensorboard.compat.proto import tensor_pb2, types_pb2
+    from tensorboard.plugins.scalar import metadata
+    tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[value])
+    self._summary(step, tag, metadata.create_summary_metadata(tag, ''), tensor)
+
+  def image(self, tag: str, png: tuple[bytes, int, int], step: int):
+    """One image, as (PNG bytes, width, height)."""
+    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorboard.plugins.image import metadata
+    data, width, height = png
+    tensor = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_STRING, string_val=[str(width).encode(), str(height).encode(), data],
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=3)]))
+    self._summary(step, tag, metadata.create_summary_metadata(tag, '', converted_to_tensor=True),
+                  tensor)
+
+  def hparams(self, values: dict):
+    from tensorboard.plugins.hparams import summary_v2
+    self._write(summary=summary_v2.hparams_pb(values))
+
+  def flush(self):
+    self._records.flush()
+
+  def close(self):
+    self._records.close()
 
 
 def unit_column(row: dict, field: str) -> np.ndarray:

@@ -152,15 +152,18 @@ def _profile(axes, rows, title=''):
   axes[0].set_title(title)
 
 
-def profile_image(row) -> np.ndarray:
-  """One probe's per-unit profile as an RGB array (TensorBoard's image)."""
+def profile_png(row) -> tuple[bytes, int, int]:
+  """One probe's per-unit profile as (PNG bytes, width, height): TensorBoard's image."""
+  import io
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
   _profile(axes, [row], f'step {row["step"]}')
   fig.tight_layout()
   fig.canvas.draw()
-  image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+  width, height = fig.canvas.get_width_height()
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png')
   plt.close(fig)
-  return image
+  return buf.getvalue(), width, height
 
 
 _HEATMAPS = {  # field: (colorbar label, colormap, centred on log10 1 = 0)

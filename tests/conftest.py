@@ -62,8 +62,10 @@ def _fresh_data_cache():
   """Splits are cached per process; tests mock TFDS with different sizes."""
   from preact import data
   data.load_arrays.cache_clear()
+  data.channel_stats.cache_clear()
   yield
   data.load_arrays.cache_clear()
+  data.channel_stats.cache_clear()
 
 
 # --------------------------------------------------------------------------------------

@@ -27,6 +27,16 @@ def test_fashion_mnist_is_prepared_offline_from_debian_files(fmnist_dir):
   np.testing.assert_allclose(std, [90.02], atol=0.01)    # 0.3530 × 255
 
 
+def test_pixel_stats_are_numpys_float64_mean_and_std():
+  images = np.random.default_rng(0).integers(0, 256, (500, 9, 7, 3), np.uint8)
+  images[..., 2] //= 7  # a skewed channel
+  flat = images.reshape(-1, 3).astype(np.float64)
+  mean, std = data.pixel_stats(images)
+  assert mean.dtype == std.dtype == np.float32
+  np.testing.assert_array_equal(mean, flat.mean(0).astype(np.float32))
+  np.testing.assert_array_equal(std, flat.std(0).astype(np.float32))
+
+
 def test_example_order_is_a_pure_function_of_seed_and_step():
   n, b = 10, 4
   stream = np.concatenate([data.example_indices(t, b, n, seed=3) for t in range(5)])

@@ -216,5 +216,5 @@ def test_heatmaps_over_training_from_probes_jsonl(tmp_path):
   assert names == ['probe_ratio.png', 'probe_act_norm.png', 'probe_profiles.png']
   for name in names:
     assert (tmp_path / name).read_bytes()[:4] == b'\x89PNG'
-  image = plots.profile_image(rows[0])
-  assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
+  png, width, height = plots.profile_png(rows[0])
+  assert png[:4] == b'\x89PNG' and (width, height) == (900, 320)  # 9 × 3.2 in at 100 dpi

@@ -151,6 +151,24 @@ def test_evaluation_counts_every_test_example_once(tmp_path):
   assert result['error'] == pytest.approx(want_error)
 
 
+def test_tensorboard_reads_the_runs_scalars_probe_images_and_hparams(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+  _train(tiny_config(log_every=1, probe_every=2, probe_batch=4), tmp_path)
+  tb = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'),
+                                          size_guidance={event_accumulator.TENSORS: 0})
+  tb.Reload()
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  loss = [(e.step, e.tensor_proto.float_val[0]) for e in tb.Tensors('train_loss')]
+  assert loss == [(r['step'], pytest.approx(r['train_loss'], rel=1e-6)) for r in rows]
+  profiles = tb.Tensors('probe/profile')
+  assert [e.step for e in profiles] == [0, 2, 3]  # and the last step
+  width, height, png = profiles[0].tensor_proto.string_val
+  assert png[:4] == b'\x89PNG' and int(width) > int(height) > 0
+  assert tb.summary_metadata['probe/profile'].plugin_data.plugin_name == 'images'
+  plugins = {m.plugin_data.plugin_name for m in tb.summary_metadata.values()}
+  assert {'scalars', 'images', 'hparams'} <= plugins, plugins
+
+
 @pytest.mark.slow
 def test_divergence_is_recorded_as_the_outcome(tmp_path):
   c = tiny_config(total_steps=8, log_every=2)
