@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
+from conftest import init
 from preact import config as config_lib
 from preact import models, plots, probes, units
 from preact.cli import common
@@ -54,7 +55,7 @@ def test_a_unit_registered_in_one_place_configures_builds_probes_and_plots(
   # Built: with α = 1 it is full pre-activation exactly, on the same parameters.
   model = models.from_config(c, 10)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  variables = model.init(jax.random.key(1), x, train=False)
+  variables = init(model, jax.random.key(1), x, train=False)
   reference = model.clone(unit='full_preact', unit_args=None)
   np.testing.assert_array_equal(model.apply(variables, x, train=False),
                                 reference.apply(variables, x, train=False))

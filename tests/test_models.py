@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tree_close
+from conftest import init, tree_close
 from preact import cpu_kernels, layers, models, units
 
 relu = jax.nn.relu
@@ -81,7 +81,7 @@ def _unit(name, features=4, **kw):
 def test_unit_matches_its_definition(name):
   x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
   unit = _unit(name)
-  v = unit.init(jax.random.key(0), x, False)
+  v = init(unit, jax.random.key(0), x, False)
   v = {'params': _randomize(v['params'], jax.random.key(2)),
        'batch_stats': _randomize(v['batch_stats'], jax.random.key(3))}
   with jax.default_matmul_precision('highest'):
@@ -93,7 +93,7 @@ def test_unit_matches_its_definition(name):
 def test_dropout_shortcut_in_training_drops_whole_shortcut_entries_unscaled():
   x = jax.random.normal(jax.random.key(1), (8, 6, 6, 4))
   unit = _unit('dropout_shortcut')
-  v = unit.init(jax.random.key(0), x, False)
+  v = init(unit, jax.random.key(0), x, False)
   P = v['params']
   out, _ = unit.apply(v, x, True, rngs={'dropout': jax.random.key(5)}, mutable=['batch_stats'])
   # Recompute F with the batch statistics this call used.
@@ -117,7 +117,7 @@ def _random_first_unit(name, **kw):
   statistics: (x, its eval-mode output, params, BN(i, y) with those statistics)."""
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
   unit = _unit(name, features=8, strides=2, first=True, **kw)
-  v = unit.init(jax.random.key(0), x, False)
+  v = init(unit, jax.random.key(0), x, False)
   P = _randomize(v['params'], jax.random.key(2))
   S = _randomize(v['batch_stats'], jax.random.key(3))
   with jax.default_matmul_precision('highest'):
@@ -170,7 +170,7 @@ def test_first_unit_splits_after_the_activation_of_conv1(unit, form):
   depth = {'basic': 8, 'one_layer': 5, 'bottleneck': 11}[form]
   model = models.cifar_resnet(depth, unit, form, zero_init_last=True)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-  v = model.init(jax.random.key(1), x, train=False)
+  v = init(model, jax.random.key(1), x, train=False)
   v = {k: v[k] for k in ('params', 'batch_stats')}
   P, S = v['params'], v['batch_stats']
   with jax.default_matmul_precision('highest'):
@@ -194,7 +194,7 @@ def test_cpu_kernel_formulations_are_the_same_math(k, stride):
   x = jax.random.normal(jax.random.key(1), (2, 9, 9, 5))
   plain = layers.Conv(7, (k, k), (stride, stride))
   cpu = layers.Conv(7, (k, k), (stride, stride), op=cpu_kernels.conv)
-  v = plain.init(jax.random.key(0), x)
+  v = init(plain, jax.random.key(0), x)
   dy = jax.random.normal(jax.random.key(2), plain.apply(v, x).shape)
 
   def value_and_grads(conv):
@@ -212,8 +212,8 @@ def test_cpu_batch_norm_is_flax_batch_norm(dtype):
   x = 3 + 2 * jax.random.normal(jax.random.key(0), (4, 5, 5, 6))
   kw = dict(momentum=0.9, epsilon=1e-5, dtype=dtype)
   flax_bn, ours = nn.BatchNorm(**kw), cpu_kernels.BatchNorm(**kw)
-  v = flax_bn.init(jax.random.key(1), x, use_running_average=False)
-  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x, use_running_average=False)) \
+  v = init(flax_bn, jax.random.key(1), x, use_running_average=False)
+  assert jax.tree.map(jnp.shape, init(ours, jax.random.key(1), x, use_running_average=False)) \
       == jax.tree.map(jnp.shape, v)
   v = {'params': _randomize(v['params'], jax.random.key(2)), 'batch_stats': v['batch_stats']}
   dy = jax.random.normal(jax.random.key(3), x.shape)
@@ -236,7 +236,7 @@ def test_cpu_kernel_net_trains_the_same_network():
   plain = models.cifar_resnet(11, 'full_preact', 'bottleneck', num_classes=3)
   cpu = plain.clone(cpu_kernels=True)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-  v = plain.init(jax.random.key(1), x, train=False)
+  v = init(plain, jax.random.key(1), x, train=False)
   v = {k: v[k] for k in ('params', 'batch_stats')}
 
   def grads(model):
@@ -367,7 +367,7 @@ def test_scanned_and_unrolled_nets_agree(unit, block):
   unrolled = scanned.clone(scan=False)
   x = jax.random.normal(jax.random.key(0), (4, 12, 12, 3))
   y = jnp.arange(4) % 5
-  v = scanned.init(jax.random.key(1), x, train=False)
+  v = init(scanned, jax.random.key(1), x, train=False)
   v = {k: v[k] for k in ('params', 'batch_stats')}
   vu = models.unscan(v)
 
@@ -394,7 +394,7 @@ def test_scanned_and_unrolled_nets_agree(unit, block):
 def test_remat_changes_nothing_but_memory():
   base = models.cifar_resnet(20, 'full_preact', num_classes=3)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-  v = base.init(jax.random.key(1), x, train=False)
+  v = init(base, jax.random.key(1), x, train=False)
   v = {k: v[k] for k in ('params', 'batch_stats')}
 
   def grads(model, v):
@@ -418,7 +418,7 @@ def _stage_inputs(model, variables, x):
 def test_zero_init_last_full_preact_is_identity_within_stages():
   model = models.cifar_resnet(38, 'full_preact', zero_init_last=True)  # n = 6
   x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
-  v = model.init(jax.random.key(1), x, train=False)
+  v = init(model, jax.random.key(1), x, train=False)
   v = {k: v[k] for k in ('params', 'batch_stats')}
   xs = _stage_inputs(model, v, x)
   assert len(xs) == 18
@@ -435,7 +435,7 @@ def test_zero_init_last_unit_is_identity_iff_nothing_follows_the_addition(name):
   """With F ≡ 0 a unit computes f(x): the identity when f is, else e.g. ReLU(x)."""
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))  # signed, as x_l may be
   unit = _unit(name, zero_init_last=True)
-  v = unit.init(jax.random.key(1), x, False)
+  v = init(unit, jax.random.key(1), x, False)
   out = unit.apply(v, x, False)
   if units.PLACEMENTS[name].after_add:
     assert not np.allclose(out, x, atol=1e-3)

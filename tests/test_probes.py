@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import tiny_config
+from conftest import init, tiny_config
 from preact import checkpoint, models, plots, probes, train, units
 
 X = jax.random.normal(jax.random.key(0), (6, 12, 12, 3))
@@ -111,7 +111,7 @@ def test_probe_agrees_with_finite_differences_in_float64(unit):
   with jax.enable_x64(True):
     model = models.cifar_resnet(20, unit, dtype=jnp.float64)  # three units per stage
     x = X.astype(jnp.float64)
-    variables = model.init(models.init_key(2), x[:1], train=False)
+    variables = init(model, models.init_key(2), x[:1], train=False)
     variables = jax.tree.map(lambda a: a.astype(jnp.float64),
                              {k: variables[k] for k in ('params', 'batch_stats')})
     perts = probes.zero_perturbations(model, x)
