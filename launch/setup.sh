@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine: a virtualenv in .venv with preact, the exact dependency set
 # it is tested with (requirements.lock), the extras in PREACT_EXTRAS (comma-separated:
-# test, bench = PyTorch for the benchmark's reference, cuda, tpu), and Debian's
-# Fashion-MNIST files for the offline default when apt can install them.
+# test, bench = PyTorch for the benchmark's reference, cuda, tpu), oneDNN's CPU kernels,
+# and Debian's Fashion-MNIST files for the offline default, when apt can install them.
 # Idempotent: a second run with the same or fewer extras only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,22 +27,27 @@ if [ -n "$missing" ] || [ setup.cfg -nt "$MARK" ] || [ requirements.lock -nt "$M
     | grep -v '^$' | sort -u > "$MARK.new"
   mv "$MARK.new" "$MARK"
 fi
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo -n"  # never prompts: no password, no apt
+apt_install() {  # quietly, as root or with password-less sudo; one update on a miss
+  command -v apt-get >/dev/null && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; } \
+    && { $SUDO apt-get install -y -q "$@" >/dev/null 2>&1 \
+         || { $SUDO apt-get update -q >/dev/null 2>&1 \
+              && $SUDO apt-get install -y -q "$@" >/dev/null 2>&1; }; }
+}
+# oneDNN's CPU kernels (preact.onednn): Debian's headers and library, and the FFI
+# library built against them; without them CPU runs take XLA's kernels.
+[ -f /usr/include/oneapi/dnnl/dnnl.hpp ] || apt_install libdnnl-dev || true
+onednn=$(.venv/bin/python -m preact.onednn.build 2> .venv/onednn-build.log) \
+  || echo "setup: oneDNN kernels not built ($onednn; see .venv/onednn-build.log);" \
+          "CPU runs use XLA's" >&2
 FMNIST=/usr/share/datasets/fashion-mnist
-if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
-  SUDO=""
-  [ "$(id -u)" = 0 ] || SUDO="sudo -n"  # never prompts: no password, no apt
-  if command -v apt-get >/dev/null && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; } \
-      && { $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-           || { $SUDO apt-get update -q >/dev/null 2>&1 \
-                && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }; }; then
-    :
-  else
-    echo "setup: Fashion-MNIST is not in $FMNIST and apt cannot install it here; TFDS" \
-         "downloads it on first use if this machine reaches the internet, or put the four" \
-         "upstream .gz files (github.com/zalandoresearch/fashion-mnist) in a folder and" \
-         "pass --config.manual_dir=FOLDER" >&2
-    echo "setup: ok (.venv; Fashion-MNIST not installed)"
-    exit 0
-  fi
+if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ] && ! apt_install dataset-fashion-mnist; then
+  echo "setup: Fashion-MNIST is not in $FMNIST and apt cannot install it here; TFDS" \
+       "downloads it on first use if this machine reaches the internet, or put the four" \
+       "upstream .gz files (github.com/zalandoresearch/fashion-mnist) in a folder and" \
+       "pass --config.manual_dir=FOLDER" >&2
+  echo "setup: ok (.venv; Fashion-MNIST not installed)"
+  exit 0
 fi
 echo "setup: ok (.venv, Fashion-MNIST in $FMNIST)"

@@ -101,7 +101,8 @@ def bench_train(model, batch=128, image_shape=(32, 32, 3), steps=10, warmup=2,
   params, fwd_flops = models.size_and_flops(model, image_shape)
   train_flops = 3 * fwd_flops * batch  # forward + backward (≈ 2× forward)
   out = dict(depth=None, params=params, batch=batch, dtype=str(jnp.dtype(model.dtype)),
-             scan=model.scan, remat=model.remat, parallelism=parallelism,
+             scan=model.scan, remat=model.remat, cpu_kernels=model.cpu_kernels,
+             parallelism=parallelism,
              devices=replicas.count, compile_s=compile_s, step_ms=1e3 * step_s,
              images_per_s=batch / step_s, flops_per_image=fwd_flops,
              achieved_tflops=train_flops / step_s / 1e12,

@@ -75,7 +75,9 @@ def base() -> ml_collections.ConfigDict:
   # Recompute each unit's activations in the backward pass instead of storing them:
   # auto = on for CPU from depth 56, where it is also faster (docs/performance.md).
   c.model.remat = 'auto'       # auto | on | off
-  c.model.cpu_kernels = 'auto'  # XLA:CPU conv and BN formulations: auto (on for CPU) | on | off
+  # CPU conv and BN kernels: auto | onednn (preact.onednn) | xla (preact.cpu_kernels) |
+  # off (XLA's own, as on GPU/TPU); auto = onednn where built, else xla; off a CPU, off.
+  c.model.cpu_kernels = 'auto'
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 0.1
@@ -126,7 +128,7 @@ _CHOICES = {
     'model.arch': ('cifar', 'imagenet'),
     'augment.imagenet': ('scale', 'scale_aspect'),
     'model.dtype': ('float32', 'bfloat16', 'float16'),
-    'model.cpu_kernels': ('auto', 'on', 'off'),
+    'model.cpu_kernels': ('auto', 'onednn', 'xla', 'off'),
     'model.block': ('auto', 'basic', 'bottleneck', 'one_layer'),
     'model.shortcut': ('auto', 'projection', 'zero_pad'),
     'model.remat': ('auto', 'on', 'off'),

@@ -9,7 +9,7 @@ They are injected: :func:`conv` as ``preact.layers.Conv``'s ``op`` and
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -102,6 +102,9 @@ class BatchNorm(nn.Module):
   use_running_average: bool | None = None
   scale_init: Initializer = nn.initializers.ones
   bias_init: Initializer = nn.initializers.zeros
+  # (x, scale, bias, epsilon, axis_name) → (y, mean, var): this module's function below,
+  # or the same in other kernels (preact.onednn.batch_norm_train).
+  train_op: Callable[..., tuple] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -117,8 +120,8 @@ class BatchNorm(nn.Module):
     else:
       # As in Flax, initialization neither syncs replicas nor updates the averages.
       initializing = self.is_initializing()
-      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon,
-                                      None if initializing else self.axis_name)
+      y, mean, var = (self.train_op or batch_norm_train)(
+          x, scale, bias, self.epsilon, None if initializing else self.axis_name)
       if not initializing:
         # The statistics leave through the running averages only: their gradient is
         # taken to be zero (nothing in a loss depends on batch_stats).

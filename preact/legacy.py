@@ -24,6 +24,8 @@ def migrate(flat: dict) -> dict:
     flat['model.remat'] = 'on' if flat['model.remat'] else 'off'
   if 'model.cpu_conv' in flat:
     flat['model.cpu_kernels'] = flat.pop('model.cpu_conv')
+  if flat.get('model.cpu_kernels') == 'on':  # the XLA formulations, before oneDNN's
+    flat['model.cpu_kernels'] = 'xla'
   if 'model.bottleneck' in flat or 'model.one_layer' in flat:  # two booleans before block
     bottleneck, one_layer = flat.pop('model.bottleneck', False), flat.pop('model.one_layer',
                                                                           False)

@@ -43,19 +43,19 @@ class ResNet(nn.Module):
   bn_axis_name: str | None = None  # 'batch' for BN statistics across replicas
   bn_momentum: float = 0.9  # Torch's momentum 0.1 in Flax's convention
   bn_epsilon: float = 1e-5
-  cpu_kernels: bool = False  # XLA:CPU-friendly conv and BN formulations (cpu_kernels)
+  # Conv and BN kernels: 'off' (XLA's own, as on GPU and TPU), or on a CPU 'xla'
+  # (preact.cpu_kernels' formulations) or 'onednn' (preact.onednn); see hardware().
+  cpu_kernels: str = 'off'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     unit, combine = get_unit(self.unit, self.unit_args)
     if self.shortcut not in SHORTCUTS:
       raise ValueError(f'unknown shortcut {self.shortcut!r}; valid: {", ".join(SHORTCUTS)}')
-    conv = functools.partial(layers.Conv, dtype=self.dtype,
-                             op=cpu_kernels.conv if self.cpu_kernels else layers.xla_conv)
-    norm = functools.partial(cpu_kernels.BatchNorm if self.cpu_kernels else nn.BatchNorm,
-                             momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, dtype=self.dtype,
-                             axis_name=self.bn_axis_name)
+    conv_op, norm_cls = kernels(self.cpu_kernels)
+    conv = functools.partial(layers.Conv, dtype=self.dtype, op=conv_op)
+    norm = functools.partial(norm_cls, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             dtype=self.dtype, axis_name=self.bn_axis_name)
 
     imagenet = self.stem == 'imagenet'
     x = conv(self.stem_width, (7, 7) if imagenet else (3, 3), (2, 2) if imagenet else (1, 1),
@@ -194,12 +194,46 @@ def imagenet_resnet(depth: int, unit: str = 'full_preact', num_classes: int = 10
 REMAT_AUTO_DEPTH = 56
 
 
-def hardware(depth: int, remat: str = 'auto', cpu_kernels: str = 'auto') -> dict:
-  """The ResNet settings the config leaves to the backend: 'auto' | 'on' | 'off' each."""
+CPU_KERNELS = ('onednn', 'xla', 'off')
+
+
+def kernels(name: str):
+  """(conv op, batch-norm module) of a kernel set: XLA's own ('off'), its CPU
+  formulations ('xla'), or oneDNN's primitives through the FFI ('onednn')."""
+  if name == 'off':
+    return layers.xla_conv, nn.BatchNorm
+  if name == 'xla':
+    return cpu_kernels.conv, cpu_kernels.BatchNorm
+  if name == 'onednn':
+    from preact import onednn
+    return onednn.conv, functools.partial(cpu_kernels.BatchNorm,
+                                          train_op=onednn.batch_norm_train)
+  raise ValueError(f'unknown cpu_kernels {name!r}; valid: auto, {", ".join(CPU_KERNELS)}')
+
+
+def cpu_kernel_set(setting: str = 'auto') -> str:
+  """The kernel set a config's ``model.cpu_kernels`` means on this backend: 'auto' is
+  oneDNN on a CPU where it is built (``python -m preact.onednn.build``), else XLA's CPU
+  formulations; off a CPU, XLA's own."""
+  from preact import onednn
   cpu = jax.default_backend() == 'cpu'
-  switch = lambda setting, auto: {'on': True, 'off': False}.get(setting, auto)
-  return dict(remat=switch(remat, cpu and depth >= REMAT_AUTO_DEPTH),
-              cpu_kernels=switch(cpu_kernels, cpu))
+  setting = {'on': 'xla'}.get(setting, setting)  # 'on' and 'off' before oneDNN
+  if setting == 'auto':
+    return ('onednn' if onednn.available() else 'xla') if cpu else 'off'
+  if setting != 'off' and not cpu:
+    raise ValueError(f"cpu_kernels={setting!r} runs on a CPU backend, not "
+                     f"{jax.default_backend()}; use 'auto' or 'off'")
+  if setting == 'onednn' and not onednn.available():
+    raise ValueError(f"cpu_kernels='onednn' but {onednn.why_unavailable()}; run "
+                     "`python -m preact.onednn.build` or use 'auto'")
+  return setting
+
+
+def hardware(depth: int, remat: str = 'auto', cpu_kernels: str = 'auto') -> dict:
+  """The ResNet settings the config leaves to the backend."""
+  cpu = jax.default_backend() == 'cpu'
+  return dict(remat={'on': True, 'off': False}.get(remat, cpu and depth >= REMAT_AUTO_DEPTH),
+              cpu_kernels=cpu_kernel_set(cpu_kernels))
 
 
 def from_config(config, num_classes: int) -> ResNet:
@@ -207,11 +241,11 @@ def from_config(config, num_classes: int) -> ResNet:
   from preact import config as config_lib, paper, parallel
   from preact.errors import UserError
   m = config.model
-  kwargs = dict(unit_args=config_lib.unit_args(m) or None, zero_init_last=m.zero_init_last,
-                dtype=jnp.dtype(m.dtype), scan=m.scan, shortcut=m.shortcut,
-                bn_axis_name=parallel.AXIS if config.bn_cross_replica else None,
-                **hardware(m.depth, m.remat, m.cpu_kernels))
   try:
+    kwargs = dict(unit_args=config_lib.unit_args(m) or None, zero_init_last=m.zero_init_last,
+                  dtype=jnp.dtype(m.dtype), scan=m.scan, shortcut=m.shortcut,
+                  bn_axis_name=parallel.AXIS if config.bn_cross_replica else None,
+                  **hardware(m.depth, m.remat, m.cpu_kernels))
     block = paper.block(m.depth, m.arch) if m.block == 'auto' else m.block
     build = imagenet_resnet if m.arch == 'imagenet' else cifar_resnet
     return build(m.depth, m.unit, num_classes=num_classes, block=block, **kwargs)

@@ -29,6 +29,9 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9\-]*)\((.*
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r'(?:calls|to_apply|body)=%([\w.\-]+)')
 _WINDOW = re.compile(r'window=\{size=(\d+)x(\d+)')
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_SHAPE = re.compile(r'\[(\d+),(\d+),\d+,\d+\]')
+_OPERAND_TYPES = re.compile(r'operand_layout_constraints=\{(.*?)\}, \w+=')
 _DATA_MOVEMENT = {'copy', 'transpose', 'dynamic-slice', 'dynamic-update-slice', 'bitcast',
                   'concatenate', 'slice', 'pad', 'reverse', 'broadcast', 'tuple',
                   'get-tuple-element', 'parameter', 'constant', 'iota', 'reshape'}
@@ -48,7 +51,10 @@ def hlo_kinds(hlo_text: str) -> dict[str, tuple[str | None, str]]:
     if m and current is not None:
       name, shape, opcode, rest = m.groups()
       op_name = _OP_NAME.search(rest)
-      window = _WINDOW.search(rest)
+      window = _WINDOW.search(rest) or _SHAPE.search(_ffi_conv_kernel(shape, rest))
+      target = _TARGET.search(rest)
+      if target:  # an FFI kernel (preact.onednn) is its own kind of op
+        opcode = target.group(1)
       current.append(dict(name=name, opcode=opcode, shape=shape, calls=_CALLS.findall(rest),
                           op_name=op_name.group(1) if op_name else '',
                           window=window.groups() if window else None))
@@ -79,11 +85,27 @@ def hlo_kinds(hlo_text: str) -> dict[str, tuple[str | None, str]]:
   return kinds
 
 
+def _ffi_conv_kernel(shape: str, rest: str) -> str:
+  """A oneDNN conv's HWIO kernel type: the second operand (forward, backward-data) or
+  the result (backward-weights); '' for other ops."""
+  if 'preact_onednn_conv' not in rest:
+    return ''
+  if 'bwd_weights' in rest:
+    return shape
+  operands = _OPERAND_TYPES.search(rest)
+  return re.findall(r'\w+\[[\d,]*\]', operands.group(1))[1] if operands else ''
+
+
 def _kind(instr, ops) -> str | None:
   path = instr['op_name']
   direction = 'bwd' if 'transpose(' in path else 'fwd'
   if instr['opcode'] in _CONTROL:
     return None
+  if instr['opcode'].startswith('preact_onednn_'):
+    direction = 'bwd' if '_bwd' in instr['opcode'] else 'fwd'
+    if '_conv_' in instr['opcode']:
+      return f"conv {'3x3' if 'window' in ops else '1x1'} {direction}"
+    return f'batch norm {direction}'
   if ops <= _DATA_MOVEMENT | {'fusion'}:
     return 'copies, layout, scan'
   if 'jvp(' not in path:

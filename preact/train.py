@@ -101,6 +101,10 @@ def _log_row(run: Run, pending: list, step: int, since: tuple[int, float]) -> di
   return row
 
 
+_KERNELS = {'off': "XLA's", 'xla': "XLA's, in preact.cpu_kernels' formulations",
+            'onednn': "oneDNN's (preact.onednn)"}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
   """Trains (resuming if workdir has checkpoints) and returns the outcome:
   {'status': completed | diverged | preempted | interrupted | failed, 'step', 'reason',
@@ -119,9 +123,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
     return recorded
   run = Run(config, workdir, devices=devices)  # bad settings fail before any write
   log.info('%s on %s: %d process(es), %d local and %d global devices, batch %d (%d per '
-           'device), %s', workdir, jax.default_backend(), jax.process_count(),
-           run.replicas.local_count, run.replicas.count, config.batch_size,
-           config.batch_size // run.replicas.count, config.parallelism)
+           'device), %s, conv and BN kernels: %s', workdir, jax.default_backend(),
+           jax.process_count(), run.replicas.local_count, run.replicas.count,
+           config.batch_size, config.batch_size // run.replicas.count, config.parallelism,
+           _KERNELS[run.model.cpu_kernels])
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:

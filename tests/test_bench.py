@@ -44,7 +44,7 @@ def test_pipeline_throughput_is_measured_without_tfds():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('cpu_kernels', ['on', 'off'])
+@pytest.mark.parametrize('cpu_kernels', ['onednn', 'xla', 'off'])
 def test_profile_puts_every_executed_op_of_the_step_in_a_kind(cpu_kernels):
   from preact import profile
   # Two units a stage: the scanned bodies' ops are counted on every trip.

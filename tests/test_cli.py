@@ -316,6 +316,7 @@ def test_a_wheel_installed_elsewhere_launches_a_table_row_from_any_directory(tmp
   assert where.stdout.startswith(str(site)), where.stdout
   proc = subprocess.run(
       [sys.executable, '-m', 'preact.cli.train', '--config=table2:full_preact,depth=164,mini',
+       '--config.model.depth=11',  # the row's units, one per stage: a test compiles less
        '--workdir=run', f'--config.data_dir={fmnist_dir}', '--config.total_steps=2',
        '--config.optimizer.warmup_steps=0', '--config.eval_every=2',
        '--config.eval_batch_size=1000', '--config.probe_every=0', '--config.progress=log'],

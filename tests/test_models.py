@@ -234,7 +234,7 @@ def test_cpu_batch_norm_is_flax_batch_norm(dtype):
 
 def test_cpu_kernel_net_trains_the_same_network():
   plain = models.cifar_resnet(11, 'full_preact', 'bottleneck', num_classes=3)
-  cpu = plain.clone(cpu_kernels=True)
+  cpu = plain.clone(cpu_kernels='xla')
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
   v = init(plain, jax.random.key(1), x, train=False)
   v = {k: v[k] for k in ('params', 'batch_stats')}

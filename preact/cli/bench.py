@@ -29,8 +29,8 @@ _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Computa
 _SCAN = flags.DEFINE_bool('scan', True, 'Scan identical units.')
 _REMAT = flags.DEFINE_enum('remat', 'auto', ['auto', 'on', 'off'],
                            'Rematerialize units (auto: on for CPU from depth 56).')
-_CPU_KERNELS = flags.DEFINE_enum('cpu_kernels', 'auto', ['auto', 'on', 'off'],
-                                 'XLA:CPU conv and BN formulations (auto: on for CPU).')
+_CPU_KERNELS = flags.DEFINE_enum('cpu_kernels', 'auto', ['auto', 'onednn', 'xla', 'off'],
+                                 'CPU conv and BN kernels, as model.cpu_kernels.')
 _PAR = flags.DEFINE_enum('parallelism', 'none', ['none', 'pmap', 'shard_map'],
                          'none: one device, the step alone.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (median).')
