@@ -14,14 +14,17 @@ run() {  # name, flags...
   $BENCH "$@" > "$OUT/$name.json" 2> "$OUT/$name.log" || echo "$name failed (see $OUT/$name.log)" >&2
 }
 lscpu | grep -E 'Model name|^CPU\(s\)|Flags' | sed 's/Flags:.*avx512_bf16.*/Flags: ... avx512_bf16 .../' > "$OUT/cpu.txt"
-# ResNet-164, batch 128: as shipped (scan, remat auto = on for CPU at this depth, XLA:CPU
-# conv formulation), storing activations instead (--remat=off), unrolled; then bfloat16.
+# ResNet-164, batch 128: as shipped (scan, remat auto = on for CPU at this depth, oneDNN's
+# conv and BN where built), on XLA's CPU formulations instead (--cpu_kernels=xla), storing
+# activations (--remat=off), unrolled; then bfloat16; ResNet-20, the embedded default's net.
 # (Plain XLA convs, --cpu_kernels=off, are compared per conv by --mode=ops: a whole scanned
 # step with them takes minutes.)
 run step_164_f32 --depth=164 --batch=128 --dtype=float32 --torch --steps=5
+run step_164_f32_xla --depth=164 --batch=128 --dtype=float32 --cpu_kernels=xla --torch --steps=5
 run step_164_f32_noremat --depth=164 --batch=128 --remat=off --torch --steps=5
 run step_164_f32_unrolled --depth=164 --batch=128 --noscan --remat=off --torch --steps=5
 run step_164_bf16 --depth=164 --batch=128 --dtype=bfloat16 --torch --steps=5
+run step_20_f32 --depth=20 --block=basic --batch=128 --torch --steps=10
 run profile_164 --mode=profile --depth=164 --batch=128 --torch
 run compile --mode=compile
 run ops --mode=ops --steps=6

@@ -208,8 +208,9 @@ def conv_profile(depth=164, block='bottleneck', batch=128, reps=5,
                  torch_too=True) -> list[dict]:
   """Where the train step's time goes, per convolution shape: forward and forward +
   both gradients for every distinct conv of the CIFAR net, XLA as autodiff emits it,
-  with preact's XLA:CPU formulation, and PyTorch; times the number of such convs."""
-  from preact import cpu_kernels, layers
+  with preact's XLA:CPU formulation, oneDNN's (where built) and PyTorch; times the
+  number of such convs."""
+  from preact import cpu_kernels, layers, onednn
   from preact.units import BLOCKS
   n, widths = models.cifar_stages(depth, block)
   projects = block == 'bottleneck'  # basic nets change shape by zero padding (option A)
@@ -241,8 +242,11 @@ def conv_profile(depth=164, block='bottleneck', batch=128, reps=5,
       ours = lambda x, w: cpu_kernels.pointwise(x[:, ::s, ::s], w[0, 0])
     else:
       ours = lambda x, w: cpu_kernels.conv_canonical_grads(x, w, (s, s), pad)
+    kernels = [('xla', plain), ('preact', ours)]
+    if onednn.available():
+      kernels.append(('onednn', lambda x, w: onednn.conv(x, w, (s, s), pad)))
     row = dict(h=h, cin=cin, cout=cout, k=k, stride=s, count=count)
-    for name, f in (('xla', plain), ('preact', ours)):
+    for name, f in kernels:
       fwd = jax.jit(f)
       grad = jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w)), argnums=(0, 1)))
       jax.block_until_ready(fwd(x, w))

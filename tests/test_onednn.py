@@ -303,3 +303,11 @@ def test_thirty_training_steps_on_onednn_match_xlas_formulations(tmp_path):
   assert dnn_rows[-1]['test_error'] == xla_rows[-1]['test_error']
   for a, b in zip(jax.tree.leaves(xla_params), jax.tree.leaves(dnn_params)):
     assert np.linalg.norm(b - a) <= 0.1 * np.linalg.norm(a)
+
+
+def test_a_nets_flops_do_not_depend_on_its_kernels():
+  """XLA cannot see into an FFI call: FLOPs are counted on XLA's own convs."""
+  from preact import models
+  model = models.cifar_resnet(11, 'full_preact', 'bottleneck')
+  assert models.size_and_flops(model.clone(cpu_kernels='onednn'), (32, 32, 3)) == \
+      models.size_and_flops(model, (32, 32, 3))

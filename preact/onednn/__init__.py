@@ -87,7 +87,6 @@ def _load():
   i64 = ctypes.c_int64
   lib.preact_onednn_bn_workspace_bytes.restype = i64
   lib.preact_onednn_bn_workspace_bytes.argtypes = [i64, i64, i64, i64, ctypes.c_int32]
-  lib.preact_onednn_conv_impl.restype = ctypes.c_int32
   return lib, ''
 
 
@@ -191,24 +190,6 @@ def _conv_bwd(strides, padding, residuals, dy):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
-
-
-def conv_implementation(x_shape, kernel_shape, strides, padding, dtype=jnp.float32,
-                        kind: str = 'fwd') -> str:
-  """The name of the oneDNN implementation a conv runs on ('fwd', 'bwd_data' or
-  'bwd_weights'), e.g. 'brg:avx512_core' or 'jit:avx512_core'; for benchmarking."""
-  if not available():
-    raise RuntimeError(why_unavailable())
-  y_shape = _conv_out(x_shape, kernel_shape, strides, padding)
-  arr = lambda v: (ctypes.c_int64 * len(v))(*v)
-  buf = ctypes.create_string_buffer(256)
-  rc = _lib.preact_onednn_conv_impl(
-      {'fwd': 0, 'bwd_data': 1, 'bwd_weights': 2}[kind], arr(x_shape), arr(kernel_shape),
-      arr(y_shape), arr(strides), arr([p[0] for p in padding]),
-      arr([p[1] for p in padding]), int(jnp.dtype(dtype) == jnp.bfloat16), buf, 256)
-  if rc != 0:
-    raise RuntimeError('oneDNN could not create the primitive')
-  return buf.value.decode()
 
 
 # ----------------------------------------------------------------- batch norm ----

@@ -535,38 +535,4 @@ int64_t preact_onednn_bn_workspace_bytes(int64_t n, int64_t h, int64_t w, int64_
   }
 }
 
-// The implementation oneDNN picks for a conv: kind 0=fwd, 1=bwd-data, 2=bwd-weights.
-// Writes a NUL-terminated name into buf; returns 0, or -1 on error.
-int32_t preact_onednn_conv_impl(int32_t kind, const int64_t* x, const int64_t* w,
-                                const int64_t* y, const int64_t* strides,
-                                const int64_t* pad_lo, const int64_t* pad_hi,
-                                int32_t dtype, char* buf,
-                                int64_t len) {
-  try {
-    ConvGeom g{memory::dims(x, x + 4), memory::dims(w, w + 4), memory::dims(y, y + 4),
-               memory::dims(strides, strides + 2), memory::dims(pad_lo, pad_lo + 2),
-               memory::dims(pad_hi, pad_hi + 2)};
-    g.type = dtype == 1 ? dt::bf16 : dt::f32;
-    auto fwd = g.FwdPd();
-    std::string s;
-    if (kind == 0) {
-      s = fwd.impl_info_str();
-    } else if (kind == 1) {
-      dnnl::convolution_backward_data::desc d(dnnl::algorithm::convolution_direct, g.XMd(),
-                                              g.WAny(g.type), g.YMd(), g.strides, g.pad_l,
-                                              g.pad_r);
-      s = dnnl::convolution_backward_data::primitive_desc(d, Engine(), fwd).impl_info_str();
-    } else {
-      dnnl::convolution_backward_weights::desc d(dnnl::algorithm::convolution_direct, g.XMd(),
-                                                 g.WAny(dt::f32), g.YMd(), g.strides,
-                                                 g.pad_l, g.pad_r);
-      s = dnnl::convolution_backward_weights::primitive_desc(d, Engine(), fwd).impl_info_str();
-    }
-    std::snprintf(buf, static_cast<size_t>(len), "%s", s.c_str());
-    return 0;
-  } catch (...) {
-    return -1;
-  }
-}
-
 }  // extern "C"
