@@ -217,7 +217,6 @@ def cpu_kernel_set(setting: str = 'auto') -> str:
   formulations; off a CPU, XLA's own."""
   from preact import onednn
   cpu = jax.default_backend() == 'cpu'
-  setting = {'on': 'xla'}.get(setting, setting)  # 'on' and 'off' before oneDNN
   if setting == 'auto':
     return ('onednn' if onednn.available() else 'xla') if cpu else 'off'
   if setting != 'off' and not cpu:

@@ -232,6 +232,19 @@ def test_cpu_batch_norm_is_flax_batch_norm(dtype):
   tree_close(evaluate(ours), evaluate(flax_bn), **tol)
 
 
+def test_cpu_kernels_auto_is_onednn_where_built_else_xla(monkeypatch):
+  from preact import onednn
+  monkeypatch.setattr(onednn, '_lib', False)
+  monkeypatch.setattr(onednn, '_why', '_onednn_ffi.so not built')
+  assert models.cpu_kernel_set('auto') == 'xla'
+  with pytest.raises(ValueError, match=r"cpu_kernels='onednn' but _onednn_ffi.so not built; "
+                                       r"run `python -m preact.onednn.build`"):
+    models.cpu_kernel_set('onednn')
+  monkeypatch.setattr(onednn, '_lib', object())
+  assert models.cpu_kernel_set('auto') == 'onednn'
+  assert models.cpu_kernel_set('off') == 'off'
+
+
 def test_cpu_kernel_net_trains_the_same_network():
   plain = models.cifar_resnet(11, 'full_preact', 'bottleneck', num_classes=3)
   cpu = plain.clone(cpu_kernels='xla')

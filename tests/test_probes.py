@@ -157,8 +157,8 @@ def test_identity_test_is_zero_exactly_for_identity_paths():
 
 
 def _probed_run(workdir, **overrides):
-  c = tiny_config(probe_every=1, probe_batch=8, checkpoint_every=1, keep_checkpoints=10,
-                  **overrides)
+  c = tiny_config(**{'probe_every': 1, 'probe_batch': 8, 'checkpoint_every': 1,
+                     'keep_checkpoints': 10, **overrides})
   with tfds.testing.mock_data(num_examples=48):
     train.train_and_evaluate(c, workdir)
     return [json.loads(l) for l in (workdir / 'probes.jsonl').read_text().splitlines()]
@@ -181,7 +181,7 @@ def test_the_probe_in_training_equals_the_probe_of_that_steps_checkpoint(tmp_pat
 def test_eq5_a_zeroed_full_preact_net_at_lr_0_keeps_ratio_1_at_every_probe(tmp_path):
   """Eq. 5: x_L = x_l + Σ F = x_l while every branch is zero, so ∂L/∂x_l = ∂L/∂x_L from
   each stage's second unit on, at every probe of a run whose lr is 0 (its warm-up)."""
-  rows = _probed_run(tmp_path, total_steps=5, **{
+  rows = _probed_run(tmp_path, total_steps=5, checkpoint_every=1000, **{
       'model.depth': 20, 'model.zero_init_last': True, 'optimizer.schedule': 'step',
       'optimizer.warmup_steps': 4, 'optimizer.warmup_lr': 0.0})
   held = [r for r in rows if r['step'] <= 4]

@@ -291,6 +291,12 @@ def test_records_of_older_versions_read_as_this_schema(bottleneck, one_layer, bl
       ["model.cpu_kernels: 'off' → 'auto'"]
 
 
+def test_records_of_the_xla_formulations_before_onednn_read_as_xla():
+  old = tiny_config().to_dict()
+  old['model']['cpu_kernels'] = 'on'  # its spelling before oneDNN's kernels
+  assert config_lib.from_dict(old, source='config.json').model.cpu_kernels == 'xla'
+
+
 def test_unknown_config_key_is_a_user_error(tmp_path):
   c = tiny_config()
   c.model.deepth = 20

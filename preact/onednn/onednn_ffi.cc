@@ -455,32 +455,20 @@ ffi::Error BnFwdInferImpl(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer 
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvFwd, ConvFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
+// The three convolutions take two arrays, return one, and share their attributes.
+static auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("pad_lo")
+      .Attr<ffi::Span<const int64_t>>("pad_hi");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvBwdData, ConvBwdDataImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvBwdWeights, ConvBwdWeightsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvFwd, ConvFwdImpl, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvBwdData, ConvBwdDataImpl, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvBwdWeights, ConvBwdWeightsImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnBnFwdTrain, BnFwdTrainImpl,
                               ffi::Ffi::Bind()
