@@ -3,7 +3,7 @@ reports what it promises. (Speed itself is measured by preact-bench, not asserte
 
 import pytest
 
-from preact import bench, models, units
+from preact import bench, models, onednn, units
 
 
 @pytest.mark.slow
@@ -44,7 +44,10 @@ def test_pipeline_throughput_is_measured_without_tfds():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('cpu_kernels', ['onednn', 'xla', 'off'])
+@pytest.mark.parametrize('cpu_kernels', [
+    pytest.param('onednn', marks=pytest.mark.skipif(not onednn.available(),
+                                                    reason='oneDNN kernels not built')),
+    'xla', 'off'])
 def test_profile_puts_every_executed_op_of_the_step_in_a_kind(cpu_kernels):
   from preact import profile
   # Two units a stage: the scanned bodies' ops are counted on every trip.
