@@ -38,16 +38,18 @@ apt_install() {  # quietly, as root or with password-less sudo; one update on a 
 # oneDNN's CPU kernels (preact.onednn): Debian's headers and library, and the FFI
 # library built against them; without them CPU runs take XLA's kernels.
 [ -f /usr/include/oneapi/dnnl/dnnl.hpp ] || apt_install libdnnl-dev || true
+kernels="oneDNN CPU kernels"
 onednn=$(.venv/bin/python -m preact.onednn.build 2> .venv/onednn-build.log) \
-  || echo "setup: oneDNN kernels not built ($onednn; see .venv/onednn-build.log);" \
-          "CPU runs use XLA's" >&2
+  || { kernels="XLA's CPU kernels"
+       echo "setup: oneDNN kernels not built ($onednn; see .venv/onednn-build.log);" \
+            "CPU runs use XLA's" >&2; }
 FMNIST=/usr/share/datasets/fashion-mnist
 if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ] && ! apt_install dataset-fashion-mnist; then
   echo "setup: Fashion-MNIST is not in $FMNIST and apt cannot install it here; TFDS" \
        "downloads it on first use if this machine reaches the internet, or put the four" \
        "upstream .gz files (github.com/zalandoresearch/fashion-mnist) in a folder and" \
        "pass --config.manual_dir=FOLDER" >&2
-  echo "setup: ok (.venv; Fashion-MNIST not installed)"
+  echo "setup: ok (.venv, $kernels; Fashion-MNIST not installed)"
   exit 0
 fi
-echo "setup: ok (.venv, Fashion-MNIST in $FMNIST)"
+echo "setup: ok (.venv, $kernels, Fashion-MNIST in $FMNIST)"
