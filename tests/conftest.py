@@ -60,6 +60,12 @@ def run_cli(tool: str, *args, devices: int = 1, check=False, timeout=600, **kw):
   return proc
 
 
+def pytest_collection_modifyitems(items):
+  """The slow tests first: the two workers then end on short tests, not one on a long
+  one while the other idles."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_data_cache():
   """Splits are cached per process; tests mock TFDS with different sizes."""

@@ -199,7 +199,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, fmnist
   stop at the same step, save one checkpoint and exit 143; resumed, the run ends where
   an uninterrupted one does, bit for bit (one process on two devices: two replicas'
   sums do not depend on where they run)."""
-  steps = ['--config.total_steps=30', '--config.log_every=1', '--config.probe_every=10',
+  steps = ['--config.total_steps=30', '--config.log_every=1', '--config.probe_every=15',
            '--config.checkpoint_every=1000', '--config.eval_every=1000']
   procs = _two_processes(tmp_path / 'cut', fmnist_dir, *steps)
   deadline = time.time() + 300
