@@ -43,27 +43,25 @@ def fmnist_dir():
   return str(root)
 
 
-def cli_env(devices: int = 1) -> dict:
+def cli_env(devices: int = 1, fast_compile: bool = True) -> dict:
+  """The environment of a command a test starts; ``fast_compile=False`` for commands
+  that run more than they compile (benchmarks, full evaluations)."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}'
+  env['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={devices} '
+                      f'{FAST_COMPILE if fast_compile else ""}')
   env['PYTHONPATH'] = str(REPO)
   return env
 
 
-def run_cli(tool: str, *args, devices: int = 1, check=False, timeout=600, **kw):
+def run_cli(tool: str, *args, devices: int = 1, check=False, timeout=600,
+            fast_compile: bool = True, **kw):
   """Runs a preact console tool as a subprocess, the way a user does."""
   cmd = [sys.executable, '-m', f'preact.cli.{tool}', *map(str, args)]
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(devices),
-                        timeout=timeout, cwd=REPO, **kw)
+  proc = subprocess.run(cmd, capture_output=True, text=True,
+                        env=cli_env(devices, fast_compile), timeout=timeout, cwd=REPO, **kw)
   if check and proc.returncode:
     raise AssertionError(f'{cmd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
   return proc
-
-
-def pytest_collection_modifyitems(items):
-  """The slow tests first: the two workers then end on short tests, not one on a long
-  one while the other idles."""
-  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
 
 
 @pytest.fixture(autouse=True)
