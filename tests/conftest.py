@@ -13,9 +13,6 @@ import sys
 # compiling dominates, and it compiles 25-30% faster (the programs run slower).
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count=8 {FAST_COMPILE}')
-# oneDNN's OpenMP threads sleep when idle instead of spinning: two test workers and the
-# commands they start share two cores, and a spinning thread takes one from the others.
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Many tests (and the subprocesses of the CLI tests) compile the same tiny train steps;
