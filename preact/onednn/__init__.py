@@ -282,7 +282,8 @@ _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 
 
 def _bn_infer_reference(x, mean, var, scale, bias, epsilon, relu):
-  y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+  from preact import cpu_kernels
+  y = cpu_kernels._normalize(x, mean, var, scale, bias, epsilon)
   return (jax.nn.relu(y) if relu else y).astype(x.dtype)
 
 
