@@ -102,9 +102,14 @@ class BatchNorm(nn.Module):
   use_running_average: bool | None = None
   scale_init: Initializer = nn.initializers.ones
   bias_init: Initializer = nn.initializers.zeros
-  # (x, scale, bias, epsilon, axis_name) → (y, mean, var): this module's function below,
-  # or the same in other kernels (preact.onednn.batch_norm_train).
+  # A ReLU of the output, inside the module so that kernels can fuse it with the norm
+  # (oneDNN's fuse_norm_relu) and skip a pass over the activations each way.
+  relu: bool = False
+  # The training and inference passes: this file's functions below, or the same in other
+  # kernels (preact.onednn). (x, scale, bias, epsilon, axis_name, relu) → (y, mean, var)
+  # and (x, mean, var, scale, bias, epsilon, relu) → y.
   train_op: Callable[..., tuple] = None
+  infer_op: Callable[..., jax.Array] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -116,12 +121,13 @@ class BatchNorm(nn.Module):
     scale = self.param('scale', self.scale_init, c, self.param_dtype)
     bias = self.param('bias', self.bias_init, c, self.param_dtype)
     if use_running_average:
-      y = _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
+      y = (self.infer_op or batch_norm_inference)(x, ra_mean.value, ra_var.value, scale,
+                                                  bias, self.epsilon, self.relu)
     else:
       # As in Flax, initialization neither syncs replicas nor updates the averages.
       initializing = self.is_initializing()
       y, mean, var = (self.train_op or batch_norm_train)(
-          x, scale, bias, self.epsilon, None if initializing else self.axis_name)
+          x, scale, bias, self.epsilon, None if initializing else self.axis_name, self.relu)
       if not initializing:
         # The statistics leave through the running averages only: their gradient is
         # taken to be zero (nothing in a loss depends on batch_stats).
@@ -136,6 +142,19 @@ def _normalize(x, mean, var, scale, bias, epsilon):
   return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
 
 
+def batch_norm_inference(x, mean, var, scale, bias, epsilon, relu=False):
+  """Batch norm with given statistics [then a ReLU]."""
+  y = _normalize(x, mean, var, scale, bias, epsilon)
+  return jax.nn.relu(y) if relu else y
+
+
+def batch_norm_train(x, scale, bias, epsilon, axis_name=None, relu=False):
+  """Training-mode batch norm of NHWC ``x`` [then a ReLU of its output]: (output, batch
+  mean, batch variance)."""
+  y, mu, var = _batch_norm_train(x, scale, bias, epsilon, axis_name)
+  return (jax.nn.relu(y) if relu else y), mu, var
+
+
 def _batch_stats(x, axis_name):
   """Flax's fast-variance statistics in float32: E[x], max(0, E[x²] − E[x]²)."""
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -146,15 +165,14 @@ def _batch_stats(x, axis_name):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_train(x, scale, bias, epsilon, axis_name):
-  """Training-mode batch norm of NHWC ``x``: (output, batch mean, batch variance)."""
+def _batch_norm_train(x, scale, bias, epsilon, axis_name):
   mu, raw_var = _batch_stats(x, axis_name)
   var = jnp.maximum(0.0, raw_var)
   return _normalize(x, mu, var, scale, bias, epsilon), mu, var
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
-  y, mu, var = batch_norm_train(x, scale, bias, epsilon, axis_name)
+  y, mu, var = _batch_norm_train(x, scale, bias, epsilon, axis_name)
   # A variance clipped to 0 is a constant: its channels get no gradient through it.
   return (y, mu, var), (x, scale, mu, jax.lax.rsqrt(var + epsilon), var > 0)
 
@@ -173,4 +191,4 @@ def _batch_norm_bwd(epsilon, axis_name, residuals, cotangents):
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
-batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+_batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from preact import cpu_kernels, layers
-from preact.units import SHORTCUTS, ResidualUnit, get_unit
+from preact.units import SHORTCUTS, ResidualUnit, bn_relu, get_unit
 
 # Collections stacked along the scan axis: one slice per unit.
 _SCANNED = {'params': 0, 'batch_stats': 0, 'perturbations': 0, 'intermediates': 0}
@@ -52,10 +52,11 @@ class ResNet(nn.Module):
     unit, combine = get_unit(self.unit, self.unit_args)
     if self.shortcut not in SHORTCUTS:
       raise ValueError(f'unknown shortcut {self.shortcut!r}; valid: {", ".join(SHORTCUTS)}')
-    conv_op, norm_cls = kernels(self.cpu_kernels)
+    conv_op, norm_cls, fuses_relu = kernels(self.cpu_kernels)
     conv = functools.partial(layers.Conv, dtype=self.dtype, op=conv_op)
     norm = functools.partial(norm_cls, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              dtype=self.dtype, axis_name=self.bn_axis_name)
+    norm_relu = functools.partial(norm, relu=True) if fuses_relu else None
 
     imagenet = self.stem == 'imagenet'
     x = conv(self.stem_width, (7, 7) if imagenet else (3, 3), (2, 2) if imagenet else (1, 1),
@@ -64,7 +65,7 @@ class ResNet(nn.Module):
     # shortcut: the original ResNet as always, pre-activation nets because the paper's
     # appendix adopts "the first activation right after conv1 and before splitting into
     # two paths" (preresnet.lua: conv1-BN-ReLU, then a 'no_preact' first unit).
-    x = nn.relu(norm(name='stem_bn')(x, use_running_average=not train))
+    x = bn_relu(norm, norm_relu, x, train, name='stem_bn')
     if imagenet:
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
 
@@ -74,7 +75,7 @@ class ResNet(nn.Module):
     for s, (n, width, stride) in enumerate(zip(self.stage_sizes, self.widths, self.strides)):
       make = functools.partial(unit_cls, unit=unit, combine=combine, features=width,
                                block=self.block, zero_init_last=self.zero_init_last,
-                               conv=conv, norm=norm)
+                               conv=conv, norm=norm, norm_relu=norm_relu)
       x = make(strides=stride, first=True, activated_input=s == 0, shortcut=self.shortcut,
                name=f'stage{s + 1}_unit1')(x, train)
       if n > 1 and self.scan:
@@ -89,7 +90,7 @@ class ResNet(nn.Module):
     # After a bare addition the signal is unnormalized: pre-activation nets end with
     # BN-ReLU (resnet-pre-act.lua).
     if unit.layout.raw_output:
-      x = nn.relu(norm(name='head_bn')(x, use_running_average=not train))
+      x = bn_relu(norm, norm_relu, x, train, name='head_bn')
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=layers.torch_linear_init,
                  name='classifier')(x)
@@ -198,16 +199,18 @@ CPU_KERNELS = ('onednn', 'xla', 'off')
 
 
 def kernels(name: str):
-  """(conv op, batch-norm module) of a kernel set: XLA's own ('off'), its CPU
-  formulations ('xla'), or oneDNN's primitives through the FFI ('onednn')."""
+  """(conv op, batch-norm module, whether that module fuses a ReLU) of a kernel set: XLA's
+  own ('off'), its CPU formulations ('xla'), or oneDNN's primitives through the FFI
+  ('onednn')."""
   if name == 'off':
-    return layers.xla_conv, nn.BatchNorm
+    return layers.xla_conv, nn.BatchNorm, False
   if name == 'xla':
-    return cpu_kernels.conv, cpu_kernels.BatchNorm
+    return cpu_kernels.conv, cpu_kernels.BatchNorm, False
   if name == 'onednn':
     from preact import onednn
     return onednn.conv, functools.partial(cpu_kernels.BatchNorm,
-                                          train_op=onednn.batch_norm_train)
+                                          train_op=onednn.batch_norm_train,
+                                          infer_op=onednn.batch_norm_inference), True
   raise ValueError(f'unknown cpu_kernels {name!r}; valid: auto, {", ".join(CPU_KERNELS)}')
 
 

@@ -222,6 +222,15 @@ def zero_pad(x: Array, features: int, stride: int) -> Array:
   return jnp.pad(x, ((0, 0),) * 3 + ((0, features - x.shape[-1]),))
 
 
+def bn_relu(norm: ModuleDef, norm_relu: ModuleDef | None, x: Array, train: bool,
+            **kw) -> Array:
+  """BN, then ReLU: one module where the kernels fuse the two (``norm_relu``), else
+  ``norm`` and ``nn.relu``. Either way the norm is named as ``norm`` would be."""
+  if norm_relu is not None:
+    return norm_relu(**kw)(x, use_running_average=not train)
+  return nn.relu(norm(**kw)(x, use_running_average=not train))
+
+
 class ResidualUnit(nn.Module):
   """One residual unit x_{l+1} = f(h(x_l) + F(x_l)) of any registered variant.
 
@@ -244,6 +253,7 @@ class ResidualUnit(nn.Module):
   zero_init_last: bool = False
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
+  norm_relu: ModuleDef | None = None  # see bn_relu
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -255,12 +265,18 @@ class ResidualUnit(nn.Module):
     self.sow('intermediates', 'x', x)
 
     def ops(names, y, last=False):
-      for op in names:
+      names = list(names)
+      while names:
+        op = names.pop(0)
         if op == 'bn':
           # Zeroing the branch's last BN scale makes F ≡ 0 at init (Goyal et al.).
           zero = last and self.zero_init_last
           init = {'scale_init': nn.initializers.zeros} if zero else {}
-          y = self.norm(**init)(y, use_running_average=not train)
+          if names[:1] == ['relu']:
+            y = bn_relu(self.norm, self.norm_relu, y, train, **init)
+            names.pop(0)
+          else:
+            y = self.norm(**init)(y, use_running_average=not train)
         else:
           y = nn.relu(y)
       return y

@@ -5,6 +5,7 @@ Skipped when the library cannot be built or loaded (no g++ / libdnnl-dev).
 """
 import functools
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,7 +151,7 @@ def _reference_relu(x, scale, bias, epsilon, axis_name):
 @pytest.mark.parametrize('shape', BN_SHAPES, ids=lambda s: 'x{}c{}'.format(s[1], s[3]))
 def test_batch_norm(shape, dtype, relu):
   x, scale, bias, g = _bn_case(jax.random.key(shape[-1]), shape, dtype)
-  ours = _bn_value_and_grads(onednn.batch_norm_relu_train if relu else onednn.batch_norm_train,
+  ours = _bn_value_and_grads(functools.partial(onednn.batch_norm_train, relu=relu),
                              x, scale, bias, g)
   ref = _bn_value_and_grads(_reference_relu if relu else cpu_kernels.batch_norm_train,
                             x, scale, bias, g)
@@ -190,17 +191,26 @@ def test_batch_norm_across_replicas_is_xla():
     np.testing.assert_array_equal(o, r)
 
 
-def test_batch_norm_module_matches_cpu_kernels():
+@pytest.mark.parametrize('relu', [False, True], ids=['bn', 'bn_relu'])
+def test_batch_norm_module_matches_flax(relu):
+  """The module on oneDNN, with the ReLU fused or not, is Flax's BatchNorm [then ReLU]:
+  the same variables, outputs, running averages, and the same in evaluation."""
   x, *_ = _bn_case(jax.random.key(5), (BATCH, 8, 8, 16), jnp.float32)
-  ours, ref = cpu_kernels.BatchNorm(train_op=onednn.batch_norm_train), cpu_kernels.BatchNorm()
+  ours = cpu_kernels.BatchNorm(train_op=onednn.batch_norm_train,
+                               infer_op=onednn.batch_norm_inference, relu=relu, momentum=0.9)
+  ref = flax.linen.BatchNorm(momentum=0.9)
+  act = jax.nn.relu if relu else (lambda y: y)
   variables = ref.init(jax.random.key(0), x, use_running_average=False)
   assert jax.tree.structure(variables) == jax.tree.structure(
       ours.init(jax.random.key(0), x, use_running_average=False))
   y, state = ours.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
   y_ref, state_ref = ref.apply(variables, x, use_running_average=False,
                                mutable=['batch_stats'])
-  _close(y, y_ref, 1e-5, 1e-5, 'y')
+  _close(y, act(y_ref), 1e-5, 1e-5, 'y')
   jax.tree.map(lambda a, b: _close(a, b, 1e-5, 1e-6, 'stats'), state, state_ref)
+  variables = {**variables, **state_ref}
+  _close(ours.apply(variables, x, use_running_average=True),
+         act(ref.apply(variables, x, use_running_average=True)), 1e-5, 1e-5, 'eval y')
 
 
 # ------------------------------------------------------------- transformations ----

@@ -6,12 +6,13 @@ kernels, float32 and bfloat16:
 
 - :func:`conv` (x, kernel, strides, padding): ``preact.layers.Conv``'s ``op``, the same
   contract as ``preact.layers.xla_conv`` / ``preact.cpu_kernels.conv``.
-- :func:`batch_norm_train` (x, scale, bias, epsilon, axis_name): the contract of
-  ``preact.cpu_kernels.batch_norm_train``; :func:`batch_norm_relu_train` is the same
-  followed by a ReLU, fused in oneDNN; :func:`batch_norm_inference` uses given statistics.
+- :func:`batch_norm_train` (x, scale, bias, epsilon, axis_name, relu) and
+  :func:`batch_norm_inference` (x, mean, var, scale, bias, epsilon, relu): the contracts
+  of ``preact.cpu_kernels``' functions of the same names, a ReLU of the output fused in
+  oneDNN (``relu=True``).
 
-``preact.cpu_kernels.BatchNorm(train_op=batch_norm_train)`` is Flax's batch norm with its
-training pass here.
+``preact.cpu_kernels.BatchNorm(train_op=batch_norm_train, infer_op=batch_norm_inference)``
+is Flax's batch norm running here.
 
 Each is differentiable (``jax.custom_vjp``; the backward passes are oneDNN primitives too)
 and works under ``jit``, ``grad``, ``scan``, ``checkpoint``, ``vmap`` (sequentially) and
@@ -194,36 +195,26 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 # ----------------------------------------------------------------- batch norm ----
 
-def batch_norm_train(x, scale, bias, epsilon, axis_name=None):
-  """Training-mode batch norm of NHWC ``x``: (output, batch mean, batch variance), as
-  ``preact.cpu_kernels.batch_norm_train`` (the statistics' cotangents are taken as zero;
-  with ``axis_name`` the statistics span replicas, which only the XLA version does)."""
+def batch_norm_train(x, scale, bias, epsilon, axis_name=None, relu=False):
+  """Training-mode batch norm of NHWC ``x`` [then a ReLU]: (output, batch mean, batch
+  variance), as ``preact.cpu_kernels.batch_norm_train`` (the statistics' cotangents are
+  taken as zero; with ``axis_name`` the statistics span replicas, which only the XLA
+  version does)."""
   if axis_name is not None or not _bn_ok(x, scale, bias):
     from preact import cpu_kernels
-    return cpu_kernels.batch_norm_train(x, scale, bias, epsilon, axis_name)
+    return cpu_kernels.batch_norm_train(x, scale, bias, epsilon, axis_name, relu)
   y, mean, var = _bn_train(*_match_varying(x, scale.astype(jnp.float32),
-                                           bias.astype(jnp.float32)), float(epsilon), False)
+                                           bias.astype(jnp.float32)), float(epsilon),
+                           bool(relu))
   return y.astype(jnp.result_type(x, scale, bias)), mean, var
 
 
-def batch_norm_relu_train(x, scale, bias, epsilon, axis_name=None):
-  """:func:`batch_norm_train` followed by a ReLU of its output, fused in oneDNN."""
-  if axis_name is not None or not _bn_ok(x, scale, bias):
-    from preact import cpu_kernels
-    y, mean, var = cpu_kernels.batch_norm_train(x, scale, bias, epsilon, axis_name)
-    return jax.nn.relu(y), mean, var
-  y, mean, var = _bn_train(*_match_varying(x, scale.astype(jnp.float32),
-                                           bias.astype(jnp.float32)), float(epsilon), True)
-  return y.astype(jnp.result_type(x, scale, bias)), mean, var
-
-
-def batch_norm_inference(x, mean, var, scale, bias, epsilon, relu: bool = False):
+def batch_norm_inference(x, mean, var, scale, bias, epsilon, relu=False):
   """(x − mean) · rsqrt(var + ε) · scale + bias [then ReLU] with given statistics.
   Differentiable (its gradient is XLA's, of the same formula)."""
   if not _bn_ok(x, scale, bias, mean, var):
     from preact import cpu_kernels
-    y = cpu_kernels._normalize(x, mean, var, scale, bias, epsilon)
-    return jax.nn.relu(y) if relu else y
+    return cpu_kernels.batch_norm_inference(x, mean, var, scale, bias, epsilon, relu)
   f32 = lambda a: a.astype(jnp.float32)
   y = _bn_infer(*_match_varying(x, f32(mean), f32(var), f32(scale), f32(bias)),
                 float(epsilon), bool(relu))
@@ -283,8 +274,8 @@ _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 
 def _bn_infer_reference(x, mean, var, scale, bias, epsilon, relu):
   from preact import cpu_kernels
-  y = cpu_kernels._normalize(x, mean, var, scale, bias, epsilon)
-  return (jax.nn.relu(y) if relu else y).astype(x.dtype)
+  return cpu_kernels.batch_norm_inference(x, mean, var, scale, bias, epsilon,
+                                          relu).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
