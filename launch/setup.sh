@@ -52,4 +52,11 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ] && ! apt_install dataset-fashio
   echo "setup: ok (.venv, $kernels; Fashion-MNIST not installed)"
   exit 0
 fi
+# Into TFDS's data_dir, decoded once (preact.data.load_arrays): the first run and the
+# tests start on it.
+.venv/bin/python -c 'from preact import data
+for split in ("train", "test"): data.load_arrays("fashion_mnist", split)' \
+  2> .venv/prepare.log \
+  || { echo "setup: Fashion-MNIST not prepared (see .venv/prepare.log); the first run" \
+            "prepares it" >&2; }
 echo "setup: ok (.venv, $kernels, Fashion-MNIST in $FMNIST)"
