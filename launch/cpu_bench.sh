@@ -26,6 +26,7 @@ run step_164_f32_unrolled --depth=164 --batch=128 --noscan --remat=off --torch -
 run step_164_bf16 --depth=164 --batch=128 --dtype=bfloat16 --torch --steps=5
 run step_20_f32 --depth=20 --block=basic --batch=128 --torch --steps=10
 run profile_164 --mode=profile --depth=164 --batch=128 --torch
+run profile_164_bf16 --mode=profile --depth=164 --batch=128 --dtype=bfloat16 --torch
 run compile --mode=compile
 run ops --mode=ops --steps=6
 run pipeline --mode=pipeline --steps=5
@@ -41,8 +42,10 @@ for f in sorted(out.glob('step_*.json')):
   t = r.get('torch', {})
   print(f"{f.stem:<26} ours {r['images_per_s']:6.1f} img/s  torch {t.get('images_per_s', float('nan')):6.1f}"
         f"  ratio {r.get('ratio_vs_torch', float('nan')):.2f}  mfu {r.get('mfu', float('nan')):.3f}")
-profile = out / 'profile_164.json'
-if profile.exists() and profile.stat().st_size:
-  from preact import profile as op_profile
-  (out / 'profile_164.txt').write_text(op_profile.table(json.loads(profile.read_text())) + '\n')
+from preact import profile as op_profile
+for name in ('profile_164', 'profile_164_bf16'):
+  profile = out / f'{name}.json'
+  if profile.exists() and profile.stat().st_size:
+    table = op_profile.table(json.loads(profile.read_text().strip().splitlines()[-1]))
+    (out / f'{name}.txt').write_text(table + '\n')
 PY
