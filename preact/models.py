@@ -46,6 +46,9 @@ class ResNet(nn.Module):
   # Conv and BN kernels: 'off' (XLA's own, as on GPU and TPU), or on a CPU 'xla'
   # (preact.cpu_kernels' formulations) or 'onednn' (preact.onednn); see hardware().
   cpu_kernels: str = 'off'
+  # Whether scanned units pass x_l on in float32 when computing in 16 bits (FloatCarry):
+  # None is yes with remat and CPU kernels, where it is faster.
+  float_carry: bool | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -69,20 +72,29 @@ class ResNet(nn.Module):
     if imagenet:
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
 
-    unit_cls = ResidualUnit
-    if self.remat:
-      unit_cls = nn.remat(ResidualUnit, static_argnums=(2,), prevent_cse=not self.scan)
+    def remat(cls):
+      return nn.remat(cls, static_argnums=(2,), prevent_cse=not self.scan) if self.remat else cls
+
+    float_carry = self.float_carry
+    if float_carry is None:
+      float_carry = (self.remat and self.cpu_kernels != 'off'
+                     and jnp.dtype(self.dtype).itemsize < 4)
     for s, (n, width, stride) in enumerate(zip(self.stage_sizes, self.widths, self.strides)):
-      make = functools.partial(unit_cls, unit=unit, combine=combine, features=width,
-                               block=self.block, zero_init_last=self.zero_init_last,
-                               conv=conv, norm=norm, norm_relu=norm_relu)
+      same = dict(unit=unit, combine=combine, features=width, block=self.block,
+                  zero_init_last=self.zero_init_last, conv=conv, norm=norm,
+                  norm_relu=norm_relu)
+      make = functools.partial(remat(ResidualUnit), **same)
       x = make(strides=stride, first=True, activated_input=s == 0, shortcut=self.shortcut,
                name=f'stage{s + 1}_unit1')(x, train)
       if n > 1 and self.scan:
         body = nn.scan(lambda unit, carry, _: (unit(carry, train), None),
                        variable_axes=_SCANNED, split_rngs={'params': True, 'dropout': True},
                        length=n - 1)
-        x, _ = body(make(name=f'stage{s + 1}_rest'), x, None)
+        if float_carry:
+          rest = remat(FloatCarry)(**same, compute_dtype=self.dtype, name=f'stage{s + 1}_rest')
+          x = body(rest, x.astype(jnp.float32), None)[0].astype(self.dtype)
+        else:
+          x, _ = body(make(name=f'stage{s + 1}_rest'), x, None)
       else:
         for j in range(2, n + 1):
           x = make(name=f'stage{s + 1}_unit{j}')(x, train)
@@ -95,6 +107,21 @@ class ResNet(nn.Module):
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=layers.torch_linear_init,
                  name='classifier')(x)
     return x.astype(jnp.promote_types(self.dtype, jnp.float32))  # fp32 logits from bf16
+
+
+class FloatCarry(ResidualUnit):
+  """A residual unit computing in a 16-bit ``compute_dtype`` that takes and returns x_l
+  in float32; the same numbers, since x_l is a 16-bit value either way.
+
+  Remat in a scan stacks every unit's input, and XLA:CPU writes a bfloat16 stack by
+  converting all of it to float32 and back at every unit: ResNet-164's bf16 step spent
+  400 ms of 1.9 s there (``preact-bench --mode=profile --dtype=bfloat16``). A float32
+  stack takes twice the memory and is written in place. (Without remat the stacks hold
+  what the units compute from x_l, in 16 bits either way.)"""
+  compute_dtype: Any = jnp.bfloat16
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    return super().__call__(x.astype(self.compute_dtype), train).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------------------

@@ -422,6 +422,38 @@ def test_remat_changes_nothing_but_memory():
                     grads(base.clone(scan=scan), vs))
 
 
+def test_a_float32_carry_changes_no_bit_of_a_bfloat16_step():
+  """FloatCarry: x_l is a bfloat16 value whether it travels between scanned units in
+  bfloat16 or float32, so logits, gradients and batch statistics are bit for bit the
+  same; only the stacks of unit inputs that remat keeps are float32 (faster on XLA:CPU)."""
+  base = models.cifar_resnet(14, 'full_preact', num_classes=3, dtype=jnp.bfloat16,
+                             cpu_kernels='xla', remat=True)  # two units a stage: a scan
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  v = init(base, jax.random.key(1), x, train=False)
+
+  def step(model):
+    def loss(p):
+      out, new = model.apply({'params': p, 'batch_stats': v['batch_stats']}, x, train=True,
+                             mutable=['batch_stats'])
+      return out.sum(), (out, new)
+    return jax.jit(jax.grad(loss, has_aux=True))(v['params'])
+
+  def stacked_dtypes(model):  # of the scans' per-unit outputs in the forward pass
+    forward = lambda p: model.apply({'params': p, 'batch_stats': v['batch_stats']}, x,
+                                    train=True, mutable=['batch_stats'])[0]
+    jaxpr = jax.make_jaxpr(lambda p: jax.vjp(forward, p))(v['params'])
+    return {str(a.aval.dtype) for e in jaxpr.eqns for a in e.outvars
+            if e.primitive.name == 'scan' and a.aval.ndim == 5}
+
+  on, off = base.clone(float_carry=True), base.clone(float_carry=False)
+  for a, b in zip(jax.tree.leaves(step(on)), jax.tree.leaves(step(off))):
+    np.testing.assert_array_equal(a, b)
+  assert stacked_dtypes(on) == {'float32'} and stacked_dtypes(off) == {'bfloat16'}
+  assert stacked_dtypes(base) == {'float32'}  # the default with CPU kernels
+  assert stacked_dtypes(base.clone(cpu_kernels='off')) == {'bfloat16'}
+  assert stacked_dtypes(base.clone(remat=False)) == {'bfloat16', 'bool'}
+
+
 def _stage_inputs(model, variables, x):
   _, state = jax.jit(functools.partial(model.apply, train=False, mutable=['intermediates']))(
       variables, x)
