@@ -73,7 +73,8 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
 
     def remat(cls):
-      return nn.remat(cls, static_argnums=(2,), prevent_cse=not self.scan) if self.remat else cls
+      return (nn.remat(cls, static_argnums=(2,), prevent_cse=not self.scan) if self.remat
+              else cls)
 
     float_carry = self.float_carry
     if float_carry is None:
@@ -91,7 +92,8 @@ class ResNet(nn.Module):
                        variable_axes=_SCANNED, split_rngs={'params': True, 'dropout': True},
                        length=n - 1)
         if float_carry:
-          rest = remat(FloatCarry)(**same, compute_dtype=self.dtype, name=f'stage{s + 1}_rest')
+          rest = remat(FloatCarry)(**same, compute_dtype=self.dtype,
+                                   name=f'stage{s + 1}_rest')
           x = body(rest, x.astype(jnp.float32), None)[0].astype(self.dtype)
         else:
           x, _ = body(make(name=f'stage{s + 1}_rest'), x, None)
