@@ -282,15 +282,19 @@ def channel_stats(name: str, data_dir: str = '') -> tuple[np.ndarray, np.ndarray
 def pixel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per-channel mean and std of uint8 NHWC images, in float32.
 
-  From each channel's histogram: exact sums, and 10× faster than the float64 mean
-  and std of every pixel (seconds at every start for Fashion-MNIST's 47M pixels)."""
-  counts = np.stack([np.bincount(images[..., c].ravel(), minlength=256)
-                     for c in range(images.shape[-1])])
-  values = np.arange(256, dtype=np.float64)
-  n = counts.sum(1)
-  mean = counts @ values / n
-  std = np.sqrt((counts * (values - mean[:, None]) ** 2).sum(1) / n)
-  return mean.astype(np.float32), std.astype(np.float32)
+  From exact integer sums of x and x² (Python integers for the variance's numerator, so
+  nothing cancels): the float64 mean and std of every pixel, rounded once, and 10× faster
+  than numpy's (which takes seconds at every start for Fashion-MNIST's 47M pixels)."""
+  x = images.reshape(-1, images.shape[-1])
+  n = x.shape[0]
+  sums, squares = np.zeros((2, x.shape[1]), np.uint64)
+  for i in range(0, n, 1 << 22):  # 4M pixels at a time: 16 MB a channel as uint32
+    chunk = x[i:i + (1 << 22)].astype(np.uint32)
+    sums += chunk.sum(0, dtype=np.uint64)
+    squares += (chunk * chunk).sum(0, dtype=np.uint64)
+  mean = [int(s) / n for s in sums]
+  var = [(n * int(q) - int(s) ** 2) / (n * n) for s, q in zip(sums, squares)]
+  return np.asarray(mean, np.float32), np.sqrt(np.asarray(var, np.float64)).astype(np.float32)
 
 
 def normalize(images, mean, std, dtype):

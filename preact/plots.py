@@ -155,15 +155,16 @@ def _profile(axes, rows, title=''):
 def profile_png(row) -> tuple[bytes, int, int]:
   """One probe's per-unit profile as (PNG bytes, width, height): TensorBoard's image."""
   import io
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+  (w, h), dpi = (9, 3.2), 100
+  fig, axes = plt.subplots(1, 2, figsize=(w, h), dpi=dpi)
   _profile(axes, [row], f'step {row["step"]}')
-  fig.tight_layout()
-  fig.canvas.draw()
-  width, height = fig.canvas.get_width_height()
+  # Fixed margins: a run draws one at every probe, and tight_layout would draw it twice
+  # more to measure it.
+  fig.subplots_adjust(left=0.08, right=0.985, bottom=0.15, top=0.9, wspace=0.25)
   buf = io.BytesIO()
   fig.savefig(buf, format='png')
   plt.close(fig)
-  return buf.getvalue(), width, height
+  return buf.getvalue(), round(w * dpi), round(h * dpi)
 
 
 _HEATMAPS = {  # field: (colorbar label, colormap, centred on log10 1 = 0)

@@ -27,8 +27,9 @@ def test_fashion_mnist_is_prepared_offline_from_debian_files(fmnist_dir):
   np.testing.assert_allclose(std, [90.02], atol=0.01)    # 0.3530 × 255
 
 
-def test_pixel_stats_are_numpys_float64_mean_and_std():
-  images = np.random.default_rng(0).integers(0, 256, (500, 9, 7, 3), np.uint8)
+@pytest.mark.parametrize('n', [500, 4200])  # 4200 images: two chunks of pixels
+def test_pixel_stats_are_numpys_float64_mean_and_std(n):
+  images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), np.uint8)
   images[..., 2] //= 7  # a skewed channel
   flat = images.reshape(-1, 3).astype(np.float64)
   mean, std = data.pixel_stats(images)
