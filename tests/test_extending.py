@@ -56,12 +56,10 @@ def test_a_unit_registered_in_one_place_configures_builds_probes_and_plots(
   model = models.from_config(c, 10)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   variables = init(model, jax.random.key(1), x, train=False)
+  apply = lambda m: jax.jit(lambda v, x: m.apply(v, x, train=False))(variables, x)
   reference = model.clone(unit='full_preact', unit_args=None)
-  np.testing.assert_array_equal(model.apply(variables, x, train=False),
-                                reference.apply(variables, x, train=False))
-  halved = model.clone(unit_args=(('alpha', 0.5),))
-  assert not np.array_equal(halved.apply(variables, x, train=False),
-                            model.apply(variables, x, train=False))
+  np.testing.assert_array_equal(apply(model), apply(reference))
+  assert not np.array_equal(apply(model.clone(unit_args=(('alpha', 0.5),))), apply(model))
 
   # Probed with the config's α, and plotted as a shortcut variant (dashed).
   with tfds.testing.mock_data(num_examples=8):

@@ -160,7 +160,7 @@ def _probed_run(workdir, **overrides):
   c = tiny_config(**{'probe_every': 1, 'probe_batch': 8, 'checkpoint_every': 1,
                      'keep_checkpoints': 10, **overrides})
   with tfds.testing.mock_data(num_examples=48):
-    train.train_and_evaluate(c, workdir)
+    train.train_and_evaluate(c, workdir, devices=jax.devices()[:1])
     return [json.loads(l) for l in (workdir / 'probes.jsonl').read_text().splitlines()]
 
 

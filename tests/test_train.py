@@ -63,9 +63,11 @@ def test_sgd_matches_torch_sgd_with_coupled_weight_decay(decay, nesterov):
 # --------------------------------------------------------------------------------------
 # Parallelism.
 
-def _train(config, workdir, devices=None):
+def _train(config, workdir, devices=1):
+  """A run on mocked data over the first ``devices`` devices: one, unless a test is about
+  parallelism (each of 8 fake devices on 2 cores costs a run several times the time)."""
   with tfds.testing.mock_data(num_examples=48):
-    return train.train_and_evaluate(config, workdir, devices=devices)
+    return train.train_and_evaluate(config, workdir, devices=jax.devices()[:devices])
 
 
 @pytest.mark.slow
@@ -73,7 +75,7 @@ def test_pmap_and_shard_map_agree_after_three_steps(tmp_path):
   assert jax.device_count() == 8
   out = {}
   for kind in ('pmap', 'shard_map'):
-    _train(tiny_config(parallelism=kind), tmp_path / kind)
+    _train(tiny_config(parallelism=kind), tmp_path / kind, devices=8)
     out[kind] = params_of(tmp_path / kind)
     rows = [json.loads(l) for l in (tmp_path / kind / 'metrics.jsonl').read_text().splitlines()]
     out[kind + '_loss'] = rows[-1]['train_loss']
@@ -86,13 +88,13 @@ def test_pmap_and_shard_map_agree_after_three_steps(tmp_path):
 @pytest.mark.slow
 def test_cross_replica_bn_on_8_devices_equals_one_device(tmp_path):
   c = tiny_config(bn_cross_replica=True)
-  _train(c, tmp_path / 'eight')
-  _train(c, tmp_path / 'one', devices=jax.devices()[:1])
+  _train(c, tmp_path / 'eight', devices=8)
+  _train(c, tmp_path / 'one')
   a, b = params_of(tmp_path / 'eight'), params_of(tmp_path / 'one')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
   # Per-replica statistics (the paper's 2-GPU setting) are a different computation.
-  _train(tiny_config(), tmp_path / 'per_replica')
+  _train(tiny_config(), tmp_path / 'per_replica', devices=8)
   c_ = params_of(tmp_path / 'per_replica')
   assert not all(np.allclose(x, y, rtol=1e-4, atol=1e-5)
                  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c_)))
@@ -101,7 +103,7 @@ def test_cross_replica_bn_on_8_devices_equals_one_device(tmp_path):
 @pytest.mark.slow
 def test_checkpoint_from_8_devices_restores_and_resumes_on_1(tmp_path):
   c = tiny_config(total_steps=2, **{'optimizer.schedule': 'step'})  # extensible
-  _train(c, tmp_path)
+  _train(c, tmp_path, devices=8)
   saved = params_of(tmp_path)
   with tfds.testing.mock_data(num_examples=48):
     result = train.evaluate_checkpoint(tmp_path, devices=jax.devices()[:1])
@@ -120,12 +122,12 @@ def test_a_run_resumes_with_its_recorded_parallelism(tmp_path, caplog):
   """A run started under pmap (the default before shard_map) and resumed by a command
   that says shard_map goes on under pmap, bit for bit as if never stopped."""
   step = {'optimizer.schedule': 'step'}  # extensible: the resume adds a step
-  _train(tiny_config(parallelism='pmap', total_steps=2, **step), tmp_path / 'cut')
+  _train(tiny_config(parallelism='pmap', total_steps=2, **step), tmp_path / 'cut', devices=8)
   with caplog.at_level('INFO', logger='preact'):
-    _train(tiny_config(parallelism='shard_map', **step), tmp_path / 'cut')
+    _train(tiny_config(parallelism='shard_map', **step), tmp_path / 'cut', devices=8)
   assert 'resumes as it was recorded: parallelism=pmap (not shard_map)' in caplog.text
   assert json.loads((tmp_path / 'cut' / 'config.json').read_text())['parallelism'] == 'pmap'
-  _train(tiny_config(parallelism='pmap', **step), tmp_path / 'whole')
+  _train(tiny_config(parallelism='pmap', **step), tmp_path / 'whole', devices=8)
   for a, b in zip(jax.tree.leaves(params_of(tmp_path / 'whole')),
                   jax.tree.leaves(params_of(tmp_path / 'cut'))):
     np.testing.assert_array_equal(a, b)
@@ -252,7 +254,7 @@ def test_a_float16_step_whose_gradients_overflow_is_skipped_and_the_scale_halved
 ])
 def test_bad_configs_are_user_errors(tmp_path, overrides, match):
   with pytest.raises(UserError, match=match):
-    _train(tiny_config(**overrides), tmp_path)
+    _train(tiny_config(**overrides), tmp_path, devices=8)
 
 
 @pytest.mark.parametrize('remat,depth,want', [
@@ -343,6 +345,6 @@ def test_unreadable_data_dir_is_a_user_error(tmp_path):
 
 @pytest.mark.slow
 def test_profile_steps_write_an_xprof_trace_of_those_steps(tmp_path):
-  outcome = _train(tiny_config(profile_steps=(2, 3)), tmp_path, devices=jax.devices()[:1])
+  outcome = _train(tiny_config(profile_steps=(2, 3)), tmp_path)
   assert outcome['status'] == 'completed'
   assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
