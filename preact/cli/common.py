@@ -233,10 +233,10 @@ def huge_pages():
   kernel for transparent huge pages, where the kernel offers them on request.
 
   XLA:CPU allocates a step's buffers afresh at every step, and on 4 KiB pages the
-  kernel faults in and zero-fills each one: ResNet-164's step spends 10-20% of its time
-  there (``preact-bench``: 2977 → 2411 ms without remat). glibc reads the setting only
-  at start-up, hence the restart, before anything is imported. PyTorch's reference in
-  ``preact-bench`` inherits it. ``PREACT_HUGE_PAGES=0`` keeps the process as it is.
+  kernel faults in and zero-fills each one 4 KiB at a time (``preact-bench``, ResNet-164:
+  2977 → 2411 ms a step without remat, 2709 → 2544 ms with it). glibc reads the setting
+  only at start-up, hence the restart, before anything is imported. PyTorch's reference
+  in ``preact-bench`` inherits it. ``PREACT_HUGE_PAGES=0`` keeps the process as it is.
   """
   tunables = os.environ.get('GLIBC_TUNABLES', '')
   if (not sys.platform.startswith('linux') or 'glibc.malloc.hugetlb' in tunables
