@@ -18,6 +18,7 @@ import pytest
 
 from conftest import REPO, cli_env, params_of, run_cli
 from preact import models, train, units
+from preact.cli import common
 
 pytestmark = pytest.mark.slow  # every test here starts command-line processes
 
@@ -430,13 +431,8 @@ print(os.getpid(), os.environ.get('GLIBC_TUNABLES', ''), int(huge[0].split()[1])
 def test_commands_restart_with_malloc_on_huge_pages(setting):
   """A command restarts itself in place (same pid) with glibc's huge-page tunable, and
   its large mallocs then sit on transparent huge pages; PREACT_HUGE_PAGES=0 opts out."""
-  try:
-    thp = open('/sys/kernel/mm/transparent_hugepage/enabled').read()
-    libc, version = os.confstr('CS_GNU_LIBC_VERSION').split()
-  except (OSError, ValueError):
-    pytest.skip('no transparent huge pages or not glibc')
-  if '[never]' in thp or libc != 'glibc' or tuple(map(int, version.split('.')[:2])) < (2, 35):
-    pytest.skip(f'transparent huge pages {thp.strip()!r}, {libc} {version}')
+  if not common.huge_pages_offered():
+    pytest.skip('no transparent huge pages for glibc malloc here')
   env = {k: v for k, v in cli_env().items() if k != 'GLIBC_TUNABLES'}
   proc = subprocess.Popen([sys.executable, '-c', _HUGE_PAGES_PROBE], cwd=REPO, text=True,
                           env={**env, 'PREACT_HUGE_PAGES': setting}, stdout=subprocess.PIPE)

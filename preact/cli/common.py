@@ -228,6 +228,21 @@ def _key_flags_for_help(module: str, program: str):
       fv.register_key_flag_for_module(program, flag)
 
 
+def huge_pages_offered() -> bool:
+  """Whether glibc's malloc can be told to use transparent huge pages here: Linux, glibc
+  ≥ 2.35 (where the tunable is new), and huge pages not turned off in the kernel."""
+  if not sys.platform.startswith('linux'):
+    return False
+  try:
+    libc, version = os.confstr('CS_GNU_LIBC_VERSION').split()
+    with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+      thp = f.read()
+  except (AttributeError, OSError, ValueError):
+    return False
+  return (libc == 'glibc' and tuple(map(int, version.split('.')[:2])) >= (2, 35)
+          and '[never]' not in thp)
+
+
 def huge_pages():
   """Restarts this process (same pid, same arguments) with glibc's malloc asking the
   kernel for transparent huge pages, where the kernel offers them on request.
@@ -239,17 +254,9 @@ def huge_pages():
   in ``preact-bench`` inherits it. ``PREACT_HUGE_PAGES=0`` keeps the process as it is.
   """
   tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if (not sys.platform.startswith('linux') or 'glibc.malloc.hugetlb' in tunables
-      or os.environ.get('PREACT_HUGE_PAGES', '1') == '0'):
+  if ('glibc.malloc.hugetlb' in tunables or os.environ.get('PREACT_HUGE_PAGES', '1') == '0'
+      or not huge_pages_offered()):
     return
-  try:
-    libc, version = os.confstr('CS_GNU_LIBC_VERSION').split()
-    with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
-      thp = f.read()
-  except (AttributeError, OSError, ValueError):
-    return
-  if libc != 'glibc' or tuple(map(int, version.split('.')[:2])) < (2, 35) or '[never]' in thp:
-    return  # the tunable is new in glibc 2.35
   os.environ['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, 'glibc.malloc.hugetlb=1']))
   sys.stdout.flush()
   sys.stderr.flush()
