@@ -12,6 +12,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -119,9 +120,11 @@ def profile(step, model, steps=2) -> dict:
           lambda *_: open_labels.pop().__exit__(None, None, None)))
   events = []
   try:
-    with torch_profile(activities=[ProfilerActivity.CPU],
+    with warnings.catch_warnings(), torch_profile(activities=[ProfilerActivity.CPU],
                        schedule=schedule(wait=0, warmup=1, active=steps),
                        on_trace_ready=lambda p: events.extend(p.events())) as prof:
+      # The warm-up-to-active switch warns that events are kept per cycle: there is one.
+      warnings.filterwarnings('ignore', '.*Profiler clears events')
       for _ in range(1 + steps):
         step()
         prof.step()

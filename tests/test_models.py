@@ -417,9 +417,11 @@ def test_remat_changes_nothing_but_memory():
       return out.sum()
     return jax.jit(jax.grad(loss))(v['params'])
 
+  # The recomputed forward is compiled apart, so float32 sums may round differently:
+  # gradients of order 1 cancel through train-mode BN to 1e-4, where that is 1e-6.
   for scan, vs in ((True, v), (False, models.unscan(v))):
     tree_close(grads(base.clone(scan=scan, remat=True), vs),
-                    grads(base.clone(scan=scan), vs))
+               grads(base.clone(scan=scan), vs), atol=1e-5)
 
 
 def test_a_float32_carry_changes_no_bit_of_a_bfloat16_step():
