@@ -24,10 +24,10 @@ from preact import config as config_lib, models, parallel, step as step_lib
 
 
 def cifar_model(depth=164, block='bottleneck', unit='full_preact', dtype='float32',
-                scan=True, remat='auto', cpu_kernels='auto', num_classes=10) -> models.ResNet:
+                scan='auto', remat='auto', cpu_kernels='auto', num_classes=10) -> models.ResNet:
   """The CIFAR net a benchmark times, with the config's 'auto' rules for this backend."""
   return models.cifar_resnet(depth, unit, block, num_classes, dtype=jnp.dtype(dtype),
-                             scan=scan, **models.hardware(depth, remat, cpu_kernels))
+                             **models.hardware(depth, remat, cpu_kernels, scan))
 
 
 def _train_step(model, channels: int):
@@ -149,7 +149,7 @@ def bench_eval(model, batch=500, image_shape=(32, 32, 3), steps=5) -> float:
 
 
 def compile_times(depths=(164, 1001), block='bottleneck', batch=128, dtype='float32',
-                  scan=True, remat='auto') -> dict:
+                  scan='on', remat='auto') -> dict:
   """The train step's compile time at each depth (ahead-of-time lower + compile)."""
   out = {}
   for depth in depths:

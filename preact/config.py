@@ -21,8 +21,9 @@ RUNTIME_KEYS = frozenset({'checkpoint_every', 'eval_every', 'log_every', 'keep_c
 
 # Keys a resumed run takes from its record rather than from the command: they change
 # results only by float rounding, so keeping the record's keeps a resume bit-identical
-# (a run started when pmap was the default resumes under pmap).
-RECORD_KEYS = frozenset({'parallelism'})
+# (a run started when pmap was the default resumes under pmap; one that ran unrolled on
+# a CPU resumes unrolled on a GPU, its checkpoint's layout).
+RECORD_KEYS = frozenset({'parallelism', 'model.scan'})
 
 
 def base() -> ml_collections.ConfigDict:
@@ -71,9 +72,13 @@ def base() -> ml_collections.ConfigDict:
        for k, default in units.unit_params().items()})
   c.model.zero_init_last = False
   c.model.dtype = 'float32'    # computation dtype; parameters and BN statistics stay fp32
-  c.model.scan = True
+  # Run a stage's identical units under nn.scan (one compiled body, so ResNet-1001
+  # compiles in seconds) or unrolled: auto = unrolled on CPU below depth 200, where it
+  # runs faster, else scanned (models.SCAN_AUTO_DEPTH). A run records what auto chose.
+  c.model.scan = 'auto'        # auto | on | off
   # Recompute each unit's activations in the backward pass instead of storing them:
-  # auto = on for CPU from depth 56, where it is also faster (docs/performance.md).
+  # auto = on for a scanned net on CPU from depth 56, where it is also faster
+  # (docs/performance.md); unrolled, it saves no memory on XLA:CPU.
   c.model.remat = 'auto'       # auto | on | off
   # CPU conv and BN kernels: auto | onednn (preact.onednn) | xla (preact.cpu_kernels) |
   # off (XLA's own, as on GPU/TPU); auto = onednn where built, else xla; off a CPU, off.
@@ -132,6 +137,7 @@ _CHOICES = {
     'model.block': ('auto', 'basic', 'bottleneck', 'one_layer'),
     'model.shortcut': ('auto', 'projection', 'zero_pad'),
     'model.remat': ('auto', 'on', 'off'),
+    'model.scan': ('auto', 'on', 'off'),
     'optimizer.decay': ('all', 'weights'),
     'optimizer.schedule': ('step', 'cosine'),
     'parallelism': ('shard_map', 'pmap'),

@@ -20,8 +20,9 @@ def flatten(c, prefix: str = '') -> dict:
 def migrate(flat: dict) -> dict:
   """A flattened config as this schema spells it."""
   flat = dict(flat)
-  if isinstance(flat.get('model.remat'), bool):  # remat was a bool before 'auto'
-    flat['model.remat'] = 'on' if flat['model.remat'] else 'off'
+  for key in ('model.remat', 'model.scan'):  # both were bools before 'auto'
+    if isinstance(flat.get(key), bool):
+      flat[key] = 'on' if flat[key] else 'off'
   if 'model.cpu_conv' in flat:
     flat['model.cpu_kernels'] = flat.pop('model.cpu_conv')
   if flat.get('model.cpu_kernels') == 'on':  # the XLA formulations, before oneDNN's

@@ -96,8 +96,12 @@ def check(workdir, config):
     log.info('%s resumes as it was recorded: %s', workdir,
              ', '.join(f'{k}={v} (not {config[k]})' for k, v in kept.items()))
     config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.update(kept)
+    for key, value in kept.items():
+      *parents, leaf = key.split('.')
+      node = config
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
   return config
 
 

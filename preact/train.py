@@ -115,6 +115,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
   workdir = epath.Path(workdir)
   config = config_lib.validate(config)
   lead = jax.process_index() == 0
+  # The record says how the net was built (scanned or not sets the checkpoint's layout),
+  # not what 'auto' would choose on the next machine.
+  config = config.copy_and_resolve_references()
+  config.model.scan = models.scan_setting(config.model.scan, config.model.depth)
   config = runrecord.check(workdir, config)
   recorded = runrecord.recorded_outcome(workdir)
   if recorded and recorded.get('status') == 'diverged':

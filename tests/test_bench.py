@@ -30,8 +30,9 @@ def test_bench_train_reports_speed_memory_and_mfu():
 
 @pytest.mark.slow
 def test_remat_plans_less_memory_and_compile_only_runs_nothing():
-  plain = bench.bench_train(bench.cifar_model(20, 'basic'), batch=8, steps=0)
-  remat = bench.bench_train(bench.cifar_model(20, 'basic', remat='on'), batch=8, steps=0)
+  plain = bench.bench_train(bench.cifar_model(20, 'basic', scan='on'), batch=8, steps=0)
+  remat = bench.bench_train(bench.cifar_model(20, 'basic', scan='on', remat='on'), batch=8,
+                            steps=0)
   assert plain['step_ms'] != plain['step_ms']  # NaN: compiled, not run
   assert 0 < remat['peak_mem_gb'] < plain['peak_mem_gb']
 

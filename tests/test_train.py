@@ -251,29 +251,65 @@ def test_a_float16_step_whose_gradients_overflow_is_skipped_and_the_scale_halved
     ({'model.unit': 'dropout_shortcut', 'model.unit_args.rate': 1.0}, r'\[0, 1\)'),
     ({'model.unit_args.bias': -3.0}, "unit 'full_preact': no argument"),
     ({'model.remat': 'yes'}, "model.remat='yes' is not one of: auto, on, off"),
+    ({'model.scan': 'True'}, "model.scan='True' is not one of: auto, on, off"),
 ])
 def test_bad_configs_are_user_errors(tmp_path, overrides, match):
   with pytest.raises(UserError, match=match):
     _train(tiny_config(**overrides), tmp_path, devices=8)
 
 
-@pytest.mark.parametrize('remat,depth,want', [
-    ('auto', 20, False), ('auto', models.REMAT_AUTO_DEPTH, True), ('on', 20, True),
-    ('off', 164, False)])
-def test_remat_auto_is_on_for_deep_nets_on_cpu(remat, depth, want):
-  c = tiny_config(**{'model.remat': remat, 'model.depth': depth})
+@pytest.mark.parametrize('remat,scan,depth,want', [
+    ('auto', 'on', 20, False), ('auto', 'on', models.REMAT_AUTO_DEPTH, True),
+    ('auto', 'off', 110, False), ('auto', 'auto', 110, False), ('auto', 'auto', 1001, True),
+    ('on', 'auto', 20, True), ('off', 'on', 164, False)])
+def test_remat_auto_is_on_for_deep_scanned_nets_on_cpu(remat, scan, depth, want):
+  c = tiny_config(**{'model.remat': remat, 'model.scan': scan, 'model.depth': depth,
+                     'model.block': 'auto'})
   assert jax.default_backend() == 'cpu'
   assert models.from_config(c, 10).remat is want
 
 
-def test_configs_saved_with_a_boolean_remat_still_load_and_resume():
+@pytest.mark.parametrize('scan,depth,want', [
+    ('auto', 20, False), ('auto', 164, False), ('auto', models.SCAN_AUTO_DEPTH - 1, False),
+    ('auto', models.SCAN_AUTO_DEPTH, True), ('auto', 1001, True), ('on', 20, True),
+    ('off', 1001, False)])
+def test_scan_auto_unrolls_cpu_nets_below_depth_200(scan, depth, want):
+  assert jax.default_backend() == 'cpu'
+  assert models.hardware(depth, scan=scan)['scan'] is want
+  if depth in (20, 164, 1001):
+    c = tiny_config(**{'model.scan': scan, 'model.depth': depth,
+                       'model.block': 'basic' if depth == 20 else 'bottleneck'})
+    assert models.from_config(c, 10).scan is want
+
+
+@pytest.mark.slow
+def test_a_run_records_what_scan_auto_built_and_resumes_in_that_layout(tmp_path, caplog):
+  """On a CPU, auto builds a ResNet-14 unrolled and the record says 'off'; a resume
+  whose command means scanned (as auto does on an accelerator) goes on unrolled, the
+  layout of its checkpoint, bit for bit as if never stopped."""
+  c = {'model.depth': 14, 'optimizer.schedule': 'step'}  # two units a stage
+  _train(tiny_config(total_steps=2, **c), tmp_path / 'cut')
+  assert json.loads((tmp_path / 'cut' / 'config.json').read_text())['model']['scan'] == 'off'
+  assert 'stage1_unit2' in params_of(tmp_path / 'cut')['params']
+  with caplog.at_level('INFO', logger='preact'):
+    _train(tiny_config(**{'model.scan': 'on'}, **c), tmp_path / 'cut')
+  assert 'resumes as it was recorded: model.scan=off (not on)' in caplog.text
+  _train(tiny_config(**c), tmp_path / 'whole')
+  for a, b in zip(jax.tree.leaves(params_of(tmp_path / 'whole')),
+                  jax.tree.leaves(params_of(tmp_path / 'cut'))):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('key', ['remat', 'scan'])
+def test_configs_saved_with_a_boolean_remat_or_scan_still_load_and_resume(key):
   d = tiny_config().to_dict()
-  d['model']['remat'] = True
-  assert config_lib.from_dict(d).model.remat == 'on'
-  now = tiny_config(**{'model.remat': 'on'}).to_dict()
+  d['model'][key] = True
+  assert config_lib.from_dict(d).model[key] == 'on'
+  now = tiny_config(**{f'model.{key}': 'on'}).to_dict()
   assert config_lib.differences(d, now) == []
-  assert config_lib.differences(d, tiny_config().to_dict()) == [
-      "model.remat: 'on' → 'auto'"]
+  # A resume keeps the record's scan (config.RECORD_KEYS); remat must agree.
+  assert config_lib.differences(d, tiny_config().to_dict()) == (
+      ["model.remat: 'on' → 'auto'"] if key == 'remat' else [])
 
 
 @pytest.mark.parametrize('bottleneck,one_layer,block', [

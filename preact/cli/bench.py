@@ -26,7 +26,8 @@ _BLOCK = flags.DEFINE_string('block', 'bottleneck', 'basic | bottleneck | one_la
 _UNIT = flags.DEFINE_string('unit', 'full_preact', 'Unit variant.')
 _BATCH = flags.DEFINE_integer('batch', 128, 'Global batch.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Computation dtype.')
-_SCAN = flags.DEFINE_bool('scan', True, 'Scan identical units.')
+_SCAN = flags.DEFINE_enum('scan', 'auto', ['auto', 'on', 'off'],
+                          'Scan identical units (auto: as model.scan=auto; --mode=compile: on).')
 _REMAT = flags.DEFINE_enum('remat', 'auto', ['auto', 'on', 'off'],
                            'Rematerialize units (auto: on for CPU from depth 56).')
 _CPU_KERNELS = flags.DEFINE_enum('cpu_kernels', 'auto', ['auto', 'onednn', 'xla', 'off'],
@@ -109,9 +110,11 @@ def _torch(bench, model, steps=None, **kw):
 
 def _compile(bench):
   depths = [int(d) for d in (_DEPTHS.value or [164, 1001])]
-  times = bench.compile_times(depths, _BLOCK.value, _BATCH.value, _DTYPE.value,
-                              _SCAN.value, _REMAT.value)
-  out = {'compile_s': {str(d): t for d, t in times.items()}, 'scan': _SCAN.value}
+  # The same build at every depth, so that the ratio is what depth alone costs.
+  scan = 'on' if _SCAN.value == 'auto' else _SCAN.value
+  times = bench.compile_times(depths, _BLOCK.value, _BATCH.value, _DTYPE.value, scan,
+                              _REMAT.value)
+  out = {'compile_s': {str(d): t for d, t in times.items()}, 'scan': scan}
   if len(depths) == 2:
     out['ratio'] = times[depths[1]] / times[depths[0]]
   return out
@@ -128,12 +131,13 @@ def _sweep(bench):
         continue  # unrolled 1001 compiles for many minutes; that is the point of scan
       # Without remat ResNet-1001's activations outgrow a small host: plan, don't run.
       steps = 0 if depth > 164 else max(2, _STEPS.value // 3)
-      r = bench.bench_train(_model(bench, depth, block, scan=scan, remat='off'),
+      r = bench.bench_train(_model(bench, depth, block, scan='on' if scan else 'off',
+                                   remat='off'),
                             _BATCH.value, steps=steps, warmup=1)
       rows.append(dict(depth=depth, block=block, scan=scan, remat=False,
                        compile_s=r['compile_s'], step_ms=r['step_ms'] if steps else None,
                        peak_mem_gb=r['peak_mem_gb']))
-    r = bench.bench_train(_model(bench, depth, block, scan=True, remat='on'),
+    r = bench.bench_train(_model(bench, depth, block, scan='on', remat='on'),
                           _BATCH.value, steps=max(2, _STEPS.value // 3), warmup=1)
     rows.append(dict(depth=depth, block=block, scan=True, remat=True,
                      compile_s=r['compile_s'], step_ms=r['step_ms'],
