@@ -12,7 +12,6 @@
 // over CPU devices call the same primitive from several threads).
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -93,13 +92,8 @@ memory::dims Nchw(const memory::dims& nhwc) { return {nhwc[0], nhwc[3], nhwc[1],
 // Plain HWIO dims → oneDNN's logical OIHW dims.
 memory::dims Oihw(const memory::dims& hwio) { return {hwio[3], hwio[2], hwio[0], hwio[1]}; }
 
-std::mutex& SerialMu() { static std::mutex mu; return mu; }
-bool Serial() { static bool on = getenv("PREACT_ONEDNN_SERIAL") && getenv("PREACT_ONEDNN_SERIAL")[0] == '1'; return on; }
-
 void Exec(const dnnl::primitive& p, std::unordered_map<int, memory> args,
           const dnnl::primitive_desc_base& pd) {
-  std::unique_lock<std::mutex> lock(SerialMu(), std::defer_lock);
-  if (Serial()) lock.lock();
   memory scratch;
   auto sd = pd.scratchpad_desc();
   if (sd.get_size() > 0) {
@@ -110,8 +104,6 @@ void Exec(const dnnl::primitive& p, std::unordered_map<int, memory> args,
 }
 
 void Reorder(const memory& from, const memory& to) {
-  std::unique_lock<std::mutex> lock(SerialMu(), std::defer_lock);
-  if (Serial()) lock.lock();
   dnnl::reorder(from, to).execute(Stream(), const_cast<memory&>(from), const_cast<memory&>(to));
 }
 
