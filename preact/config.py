@@ -73,8 +73,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.zero_init_last = False
   c.model.dtype = 'float32'    # computation dtype; parameters and BN statistics stay fp32
   # Run a stage's identical units under nn.scan (one compiled body, so ResNet-1001
-  # compiles in seconds) or unrolled: auto = unrolled on CPU below depth 200, where it
-  # runs faster, else scanned (models.SCAN_AUTO_DEPTH). A run records what auto chose.
+  # compiles in seconds) or unrolled: auto = unrolled on CPU with oneDNN's kernels below
+  # depth 200, where it runs faster, else scanned (models.SCAN_AUTO_DEPTH). A run records
+  # what auto chose.
   c.model.scan = 'auto'        # auto | on | off
   # Recompute each unit's activations in the backward pass instead of storing them:
   # auto = on for a scanned net on CPU from depth 56, where it is also faster

@@ -260,26 +260,30 @@ def cpu_kernel_set(setting: str = 'auto') -> str:
   return setting
 
 
-# Below this depth a CPU runs the unrolled net faster than the scanned one (preact-bench,
-# oneDNN kernels: ResNet-20 ~20% and ResNet-56, -110 and -164 20-30% less time a step),
-# for at most twice the compile time (8 s at 164 against 4 s); the scan's loop costs
-# there what it buys in compile time. ResNet-1001 only compiles in seconds scanned, and
-# accelerators always scan.
+# Below this depth a CPU on oneDNN's kernels runs the unrolled net faster than the
+# scanned one (preact-bench: 20-30% less time a step at depths 20 to 164), for at most
+# twice the compile time (8 s at 164 against 4 s). ResNet-1001 only compiles in seconds
+# scanned; XLA's CPU formulations run slower unrolled; accelerators always scan.
 SCAN_AUTO_DEPTH = 200
 
 
-def scan_setting(setting: str, depth: int) -> str:
-  """'on' or 'off': what a config's ``model.scan`` means on this backend at ``depth``."""
+def scan_setting(setting: str, depth: int, cpu_kernels: str = 'auto') -> str:
+  """'on' or 'off': what a config's ``model.scan`` means on this backend at ``depth``
+  with the ``model.cpu_kernels`` setting."""
   if setting != 'auto':
     return setting
-  return 'off' if jax.default_backend() == 'cpu' and depth < SCAN_AUTO_DEPTH else 'on'
+  try:
+    kernels = cpu_kernel_set(cpu_kernels)
+  except ValueError:
+    return 'on'  # building the model reports the bad setting
+  return 'off' if kernels == 'onednn' and depth < SCAN_AUTO_DEPTH else 'on'
 
 
 def hardware(depth: int, remat: str = 'auto', cpu_kernels: str = 'auto',
              scan: str = 'auto') -> dict:
   """The ResNet settings the config leaves to the backend."""
   cpu = jax.default_backend() == 'cpu'
-  scanned = scan_setting(scan, depth) == 'on'
+  scanned = scan_setting(scan, depth, cpu_kernels) == 'on'
   # Unrolled, XLA:CPU plans the same memory with remat as without (ResNet-20 and -56 at
   # batch 128: 0.19 and 0.53 GB either way): remat would only add the recomputation.
   auto_remat = cpu and scanned and depth >= REMAT_AUTO_DEPTH

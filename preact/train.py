@@ -118,7 +118,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, devices=None)
   # The record says how the net was built (scanned or not sets the checkpoint's layout),
   # not what 'auto' would choose on the next machine.
   config = config.copy_and_resolve_references()
-  config.model.scan = models.scan_setting(config.model.scan, config.model.depth)
+  config.model.scan = models.scan_setting(config.model.scan, config.model.depth,
+                                          config.model.cpu_kernels)
   config = runrecord.check(workdir, config)
   recorded = runrecord.recorded_outcome(workdir)
   if recorded and recorded.get('status') == 'diverged':

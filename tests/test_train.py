@@ -269,24 +269,32 @@ def test_remat_auto_is_on_for_deep_scanned_nets_on_cpu(remat, scan, depth, want)
   assert models.from_config(c, 10).remat is want
 
 
-@pytest.mark.parametrize('scan,depth,want', [
-    ('auto', 20, False), ('auto', 164, False), ('auto', models.SCAN_AUTO_DEPTH - 1, False),
-    ('auto', models.SCAN_AUTO_DEPTH, True), ('auto', 1001, True), ('on', 20, True),
-    ('off', 1001, False)])
-def test_scan_auto_unrolls_cpu_nets_below_depth_200(scan, depth, want):
+@pytest.mark.parametrize('scan,depth,kernels,want', [
+    ('auto', 20, 'onednn', False), ('auto', 164, 'onednn', False),
+    ('auto', models.SCAN_AUTO_DEPTH - 1, 'onednn', False),
+    ('auto', models.SCAN_AUTO_DEPTH, 'onednn', True), ('auto', 1001, 'onednn', True),
+    ('auto', 20, 'xla', True), ('auto', 20, 'off', True), ('on', 20, 'onednn', True),
+    ('off', 1001, 'xla', False)])
+def test_scan_auto_unrolls_onednn_cpu_nets_below_depth_200(scan, depth, kernels, want):
+  from preact import onednn
   assert jax.default_backend() == 'cpu'
-  assert models.hardware(depth, scan=scan)['scan'] is want
+  if kernels == 'onednn' and not onednn.available():
+    pytest.skip(onednn.why_unavailable())
+  assert models.hardware(depth, scan=scan, cpu_kernels=kernels)['scan'] is want
   if depth in (20, 164, 1001):
-    c = tiny_config(**{'model.scan': scan, 'model.depth': depth,
-                       'model.block': 'basic' if depth == 20 else 'bottleneck'})
+    c = tiny_config(**{'model.scan': scan, 'model.depth': depth, 'model.block': 'auto',
+                       'model.cpu_kernels': kernels})
     assert models.from_config(c, 10).scan is want
 
 
 @pytest.mark.slow
 def test_a_run_records_what_scan_auto_built_and_resumes_in_that_layout(tmp_path, caplog):
-  """On a CPU, auto builds a ResNet-14 unrolled and the record says 'off'; a resume
-  whose command means scanned (as auto does on an accelerator) goes on unrolled, the
-  layout of its checkpoint, bit for bit as if never stopped."""
+  """On a CPU with oneDNN's kernels, auto builds a ResNet-14 unrolled and the record
+  says 'off'; a resume whose command means scanned (as auto does on an accelerator) goes
+  on unrolled, the layout of its checkpoint, bit for bit as if never stopped."""
+  from preact import onednn
+  if not onednn.available():
+    pytest.skip(onednn.why_unavailable())
   c = {'model.depth': 14, 'optimizer.schedule': 'step'}  # two units a stage
   _train(tiny_config(total_steps=2, **c), tmp_path / 'cut')
   assert json.loads((tmp_path / 'cut' / 'config.json').read_text())['model']['scan'] == 'off'
