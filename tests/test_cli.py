@@ -413,32 +413,50 @@ def test_preact_probe_command_writes_json_and_plots(tmp_path, fmnist_dir):
   assert 'first/last' in proc.stdout
 
 
-_HUGE_PAGES_PROBE = '''
-import ctypes, os, sys
+_MALLOC_PROBE = '''
+import ctypes, os, resource, sys, threading
 from preact.cli import common
-common.huge_pages()
+common.tune_malloc()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
-n = 64 << 20
-p = libc.malloc(ctypes.c_size_t(n))
-ctypes.memset(p, 1, n)  # fault it in
-huge = [l for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages:')]
-print(os.getpid(), os.environ.get('GLIBC_TUNABLES', ''), int(huge[0].split()[1]) << 10)
+n = 256 << 20
+faults = []
+def step():  # as XLA:CPU's temporaries: a large block, malloc'ed, written, freed
+  for _ in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(ctypes.c_size_t(n))
+    ctypes.memset(p, 1, n)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    if len(faults) == 1:
+      huge.extend(l for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages:'))
+    libc.free(ctypes.c_void_p(p))
+huge = []
+t = threading.Thread(target=step)  # a worker thread, with its own arena by default
+t.start(); t.join()
+print(os.getpid(), int(huge[0].split()[1]) << 10, faults[1],
+      *os.environ.get('GLIBC_TUNABLES', '').split(':'))
 '''
 
 
 @pytest.mark.parametrize('setting', ['1', '0'])
-def test_commands_restart_with_malloc_on_huge_pages(setting):
-  """A command restarts itself in place (same pid) with glibc's huge-page tunable, and
-  its large mallocs then sit on transparent huge pages; PREACT_HUGE_PAGES=0 opts out."""
-  if not common.huge_pages_offered():
-    pytest.skip('no transparent huge pages for glibc malloc here')
+def test_commands_restart_with_malloc_tuned_for_xla(setting):
+  """A command restarts itself in place (same pid) with glibc's malloc tunables: its
+  large blocks sit on transparent huge pages, and on a CPU a block a thread frees is
+  reused without a page fault; PREACT_TUNE_MALLOC=0 opts out."""
+  if common._glibc() is None:
+    pytest.skip('glibc tunables need Linux with glibc')
   env = {k: v for k, v in cli_env().items() if k != 'GLIBC_TUNABLES'}
-  proc = subprocess.Popen([sys.executable, '-c', _HUGE_PAGES_PROBE], cwd=REPO, text=True,
-                          env={**env, 'PREACT_HUGE_PAGES': setting}, stdout=subprocess.PIPE)
-  pid, *tunables, huge = proc.communicate(timeout=60)[0].split()
+  env.update(PREACT_TUNE_MALLOC=setting, JAX_PLATFORMS='cpu')
+  proc = subprocess.Popen([sys.executable, '-c', _MALLOC_PROBE], cwd=REPO, text=True,
+                          env=env, stdout=subprocess.PIPE)
+  pid, huge, refaults, *tunables = proc.communicate(timeout=60)[0].split()
   assert proc.returncode == 0 and int(pid) == proc.pid
+  huge_pages = common.huge_pages_offered() and setting == '1'
+  assert ('glibc.malloc.hugetlb=1' in tunables) is huge_pages
+  assert (int(huge) >= 128 << 20) is huge_pages
   if setting == '1':
-    assert tunables == ['glibc.malloc.hugetlb=1'] and int(huge) >= 32 << 20
+    assert tunables == [t for t in ['glibc.malloc.hugetlb=1'] if huge_pages] + list(
+        common._CPU_TUNABLES)
+    assert int(refaults) < 16  # the second block is the first one, already mapped
   else:
-    assert tunables == [] and int(huge) < 32 << 20
+    assert tunables == [] and int(refaults) >= 128  # mapped afresh: 128 huge pages or more

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging as py_logging
 import os
 import re
@@ -228,36 +229,74 @@ def _key_flags_for_help(module: str, program: str):
       fv.register_key_flag_for_module(program, flag)
 
 
+def _glibc() -> tuple[int, int] | None:
+  """glibc's (major, minor) version on Linux, else None."""
+  if not sys.platform.startswith('linux'):
+    return None
+  try:
+    libc, version = os.confstr('CS_GNU_LIBC_VERSION').split()
+    return tuple(map(int, version.split('.')[:2])) if libc == 'glibc' else None
+  except (AttributeError, OSError, ValueError):
+    return None
+
+
 def huge_pages_offered() -> bool:
   """Whether glibc's malloc can be told to use transparent huge pages here: Linux, glibc
   ≥ 2.35 (where the tunable is new), and huge pages not turned off in the kernel."""
-  if not sys.platform.startswith('linux'):
-    return False
   try:
-    libc, version = os.confstr('CS_GNU_LIBC_VERSION').split()
     with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
       thp = f.read()
-  except (AttributeError, OSError, ValueError):
+  except OSError:
     return False
-  return (libc == 'glibc' and tuple(map(int, version.split('.')[:2])) >= (2, 35)
-          and '[never]' not in thp)
+  return (_glibc() or (0, 0)) >= (2, 35) and '[never]' not in thp
 
 
-def huge_pages():
-  """Restarts this process (same pid, same arguments) with glibc's malloc asking the
-  kernel for transparent huge pages, where the kernel offers them on request.
+def cpu_only() -> bool:
+  """Whether JAX will compute on the CPU here: JAX_PLATFORMS says cpu, or it says
+  nothing and the machine has no NVIDIA GPU or TPU device node."""
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  if platforms:
+    return platforms.split(',')[0] == 'cpu'
+  return not any(glob.glob(p) for p in ('/dev/nvidia[0-9]*', '/dev/accel[0-9]*',
+                                         '/dev/vfio/[0-9]*'))
 
-  XLA:CPU allocates a step's buffers afresh at every step, and on 4 KiB pages the
-  kernel faults in and zero-fills each one 4 KiB at a time (``preact-bench``, ResNet-164:
-  2977 → 2411 ms a step without remat, 2709 → 2544 ms with it). glibc reads the setting
-  only at start-up, hence the restart, before anything is imported. PyTorch's reference
-  in ``preact-bench`` inherits it. ``PREACT_HUGE_PAGES=0`` keeps the process as it is.
+
+# XLA:CPU allocates a step's temporaries as one buffer at every step (ResNet-164
+# unrolled: 3.25 GB) from a worker thread's malloc arena, which can only mmap a block that
+# large, whatever mmap_max says, and unmaps it when freed; the kernel then zero-fills it
+# again at the next step. With one arena, no mmap and no trimming, the freed block stays
+# in the heap for the next step.
+_CPU_TUNABLES = ('glibc.malloc.arena_max=1', 'glibc.malloc.mmap_max=0',
+                 f'glibc.malloc.trim_threshold={64 << 30}')
+
+
+def malloc_tunables() -> list[str]:
+  """The glibc malloc tunables a command runs with here: transparent huge pages where
+  offered, and on a CPU-only machine freed memory kept for reuse (_CPU_TUNABLES)."""
+  if _glibc() is None:
+    return []
+  return (['glibc.malloc.hugetlb=1'] if huge_pages_offered() else []) + (
+      list(_CPU_TUNABLES) if cpu_only() else [])
+
+
+def tune_malloc():
+  """Restarts this process (same pid, same arguments) with :func:`malloc_tunables`.
+
+  XLA:CPU allocates a step's buffers afresh at every step. On 4 KiB pages the kernel
+  faults in and zero-fills each one 4 KiB at a time, and huge pages alone took
+  ``preact-bench`` ResNet-164 from 2977 to 2411 ms a step without remat (2709 → 2544 ms
+  with it). Kept for reuse, the unrolled ResNet-164 takes no page fault a step instead
+  of about 1,900. glibc reads its tunables only at start-up, hence the restart, before
+  anything is imported. Child processes (PyTorch's reference in ``preact-bench``)
+  inherit them. A process whose GLIBC_TUNABLES already names a malloc tunable is left
+  as it is, and so is any with ``PREACT_TUNE_MALLOC=0``.
   """
   tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if ('glibc.malloc.hugetlb' in tunables or os.environ.get('PREACT_HUGE_PAGES', '1') == '0'
-      or not huge_pages_offered()):
+  wanted = malloc_tunables()
+  if ('glibc.malloc.' in tunables or os.environ.get('PREACT_TUNE_MALLOC', '1') == '0'
+      or not wanted):
     return
-  os.environ['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, 'glibc.malloc.hugetlb=1']))
+  os.environ['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, *wanted]))
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
@@ -266,7 +305,7 @@ def huge_pages():
 def run(main_fn):
   """app.run, but a bad flag (a config file that does not load, an unknown --config.key,
   a bad value) exits 2 with one line."""
-  huge_pages()
+  tune_malloc()
   tool = getattr(main_fn, 'tool', os.path.basename(sys.argv[0]))
   module = getattr(main_fn, 'module', main_fn.__module__)
   main = sys.modules['__main__']
