@@ -31,7 +31,8 @@ run step_20_f32 --depth=20 --block=basic --batch=128 --torch --steps=10
 run step_20_f32_scan --depth=20 --block=basic --batch=128 --scan=on --torch --steps=10
 run profile_164 --mode=profile --depth=164 --batch=128 --torch
 run profile_164_scan_remat --mode=profile --depth=164 --batch=128 --scan=on --torch
-run profile_164_bf16 --mode=profile --depth=164 --batch=128 --dtype=bfloat16 --scan=on --torch
+run profile_164_bf16 --mode=profile --depth=164 --batch=128 --dtype=bfloat16 --torch
+run profile_164_bf16_scan_remat --mode=profile --depth=164 --batch=128 --dtype=bfloat16 --scan=on --torch
 run compile --mode=compile
 run ops --mode=ops --steps=6
 run pipeline --mode=pipeline --steps=5
@@ -48,7 +49,8 @@ for f in sorted(out.glob('step_*.json')):
   print(f"{f.stem:<26} ours {r['images_per_s']:6.1f} img/s  torch {t.get('images_per_s', float('nan')):6.1f}"
         f"  ratio {r.get('ratio_vs_torch', float('nan')):.2f}  mfu {r.get('mfu', float('nan')):.3f}")
 from preact import profile as op_profile
-for name in ('profile_164', 'profile_164_scan_remat', 'profile_164_bf16'):
+for name in ('profile_164', 'profile_164_scan_remat', 'profile_164_bf16',
+             'profile_164_bf16_scan_remat'):
   profile = out / f'{name}.json'
   if profile.exists() and profile.stat().st_size:
     table = op_profile.table(json.loads(profile.read_text().strip().splitlines()[-1]))
