@@ -261,9 +261,10 @@ def cpu_kernel_set(setting: str = 'auto') -> str:
 
 
 # Below this depth a CPU on oneDNN's kernels runs the unrolled net faster than the
-# scanned one (preact-bench: 20-30% less time a step at depths 20 to 164), for at most
-# twice the compile time (8 s at 164 against 4 s). ResNet-1001 only compiles in seconds
-# scanned; XLA's CPU formulations run slower unrolled; accelerators always scan.
+# scanned one (preact-bench: 20-30% less time a step at depths 20 to 164), for about
+# three times the compile time at 164 (10 s against 3.5 s). ResNet-1001 only compiles
+# in seconds scanned; XLA's CPU formulations run slower unrolled; accelerators always
+# scan.
 SCAN_AUTO_DEPTH = 200
 
 
