@@ -22,7 +22,7 @@ import threading
 
 from etils import epath
 
-from preact import config as config_lib
+from preact import config as config_lib, paper
 from preact.logs import log
 from preact.errors import UserError
 
@@ -97,11 +97,7 @@ def check(workdir, config):
              ', '.join(f'{k}={v} (not {config[k]})' for k, v in kept.items()))
     config = config.copy_and_resolve_references()
     for key, value in kept.items():
-      *parents, leaf = key.split('.')
-      node = config
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+      paper.set_flat(config, key, value)
   return config
 
 
