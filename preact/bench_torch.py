@@ -131,11 +131,16 @@ def profile(step, model, steps=2) -> dict:
   finally:
     for h in hooks:
       h.remove()
-  kernel_of_seq = {}  # the op right under a label carries the conv's sequence number
+  # A label's aten::convolution carries the sequence number its backward node gets
+  # (under autocast, its conv2d is numbered with the weight's cast instead).
+  kernel_of_seq = {}
   for e in events:
-    if e.sequence_nr >= 0 and e.cpu_parent is not None and \
-        e.cpu_parent.name.startswith(_KERNEL):
-      kernel_of_seq[e.sequence_nr] = e.cpu_parent.name[len(_KERNEL):]
+    if e.name == 'aten::convolution' and e.sequence_nr >= 0:
+      label = e.cpu_parent
+      while label is not None and not label.name.startswith(_KERNEL):
+        label = label.cpu_parent
+      if label is not None:
+        kernel_of_seq[e.sequence_nr] = label.name[len(_KERNEL):]
   out = {}
   for e in events:
     if e.self_cpu_time_total:

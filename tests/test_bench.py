@@ -62,15 +62,18 @@ def test_profile_puts_every_executed_op_of_the_step_in_a_kind(cpu_kernels):
   assert all(o['kind'] in profile.KINDS for o in r['top_ops'])
 
 
-def test_pytorch_profile_uses_the_same_kinds():
+@pytest.mark.parametrize('autocast', [False, True], ids=['float32', 'bfloat16'])
+def test_pytorch_profile_uses_the_same_kinds(autocast):
   torch_ref = pytest.importorskip('preact.bench_torch')
   import torch
   from preact import profile
   net = torch_ref.cifar_resnet(11, block='bottleneck')
   x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
 
-  def step():
-    torch.nn.functional.cross_entropy(net(x), y).backward()
+  def step():  # bfloat16 as the reference runs it: under autocast, which casts weights
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+      loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss.backward()
 
   kinds = torch_ref.profile(step, net, steps=1)
   assert set(kinds) <= set(profile.KINDS)
