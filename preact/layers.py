@@ -42,16 +42,22 @@ class Conv(nn.Module):
   # (x, kernel, strides, padding) → y: XLA's convolution, or the same math in other
   # kernels (preact.cpu_kernels.conv), chosen per backend by the model.
   op: Callable[..., jax.Array] = xla_conv
+  # (x, kernel, strides, padding, addend) → op(...) + addend in one pass over the output,
+  # where the kernels have such an op (preact.onednn.conv_add); else the two in turn.
+  add_op: Callable[..., jax.Array] | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, addend: jax.Array | None = None) -> jax.Array:
+    """The convolution of ``x`` [plus ``addend``, e.g. a residual unit's shortcut]."""
     kh, kw = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features),
                         self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+    if addend is not None and self.add_op is not None and not self.use_bias:
+      return self.add_op(x, kernel, tuple(self.strides), padding, addend)
     y = self.op(x, kernel, tuple(self.strides), padding)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,),
                          self.param_dtype).astype(self.dtype)
-    return y
+    return y if addend is None else y + addend

@@ -55,8 +55,8 @@ class ResNet(nn.Module):
     unit, combine = get_unit(self.unit, self.unit_args)
     if self.shortcut not in SHORTCUTS:
       raise ValueError(f'unknown shortcut {self.shortcut!r}; valid: {", ".join(SHORTCUTS)}')
-    conv_op, norm_cls, fuses_relu = kernels(self.cpu_kernels)
-    conv = functools.partial(layers.Conv, dtype=self.dtype, op=conv_op)
+    conv_ops, norm_cls, fuses_relu = kernels(self.cpu_kernels)
+    conv = functools.partial(layers.Conv, dtype=self.dtype, **conv_ops)
     norm = functools.partial(norm_cls, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                              dtype=self.dtype, axis_name=self.bn_axis_name)
     norm_relu = functools.partial(norm, relu=True) if fuses_relu else None
@@ -228,18 +228,18 @@ CPU_KERNELS = ('onednn', 'xla', 'off')
 
 
 def kernels(name: str):
-  """(conv op, batch-norm module, whether that module fuses a ReLU) of a kernel set: XLA's
-  own ('off'), its CPU formulations ('xla'), or oneDNN's primitives through the FFI
-  ('onednn')."""
+  """(``preact.layers.Conv``'s ops, batch-norm module, whether that module fuses a ReLU)
+  of a kernel set: XLA's own ('off'), its CPU formulations ('xla'), or oneDNN's
+  primitives through the FFI ('onednn')."""
   if name == 'off':
-    return layers.xla_conv, nn.BatchNorm, False
+    return dict(op=layers.xla_conv), nn.BatchNorm, False
   if name == 'xla':
-    return cpu_kernels.conv, cpu_kernels.BatchNorm, False
+    return dict(op=cpu_kernels.conv), cpu_kernels.BatchNorm, False
   if name == 'onednn':
     from preact import onednn
-    return onednn.conv, functools.partial(cpu_kernels.BatchNorm,
-                                          train_op=onednn.batch_norm_train,
-                                          infer_op=onednn.batch_norm_inference), True
+    return (dict(op=onednn.conv, add_op=onednn.conv_add),
+            functools.partial(cpu_kernels.BatchNorm, train_op=onednn.batch_norm_train,
+                              infer_op=onednn.batch_norm_inference), True)
   raise ValueError(f'unknown cpu_kernels {name!r}; valid: auto, {", ".join(CPU_KERNELS)}')
 
 

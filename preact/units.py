@@ -290,14 +290,20 @@ class ResidualUnit(nn.Module):
         h = self.norm(name='proj_bn')(h, use_running_average=not train)
     elif reshape:
       h = zero_pad(h, self.features, self.strides)
+    # Where F ends in its last conv and the shortcut adds h as it is, that conv adds h
+    # while it writes F (one pass over x_{l+1} instead of two, where the kernels can).
+    plain_sum = (not p.after_branch
+                 and getattr(self.combine, 'func', self.combine) is Shortcut)
     convs = BLOCKS[self.block]
     for i, (k, div) in enumerate(convs):
       if i:
         y = ops(('bn', 'relu'), y)
-      zero = self.zero_init_last and i == len(convs) - 1 and not p.normalized_branch
+      last = i == len(convs) - 1
+      zero = self.zero_init_last and last and not p.normalized_branch
       init = {'kernel_init': nn.initializers.zeros} if zero else {}
       y = self.conv(self.features // div, (k, k), (self.strides if i == 0 else 1,) * 2,
-                    **init)(y)
+                    **init)(y, addend=h if plain_sum and last else None)
     y = ops(p.after_branch, y, last=True)
-    out = self.combine(conv=self.conv, name='shortcut')(x, h, y, train)
-    return ops(p.after_add, out)
+    if not plain_sum:
+      y = self.combine(conv=self.conv, name='shortcut')(x, h, y, train)
+    return ops(p.after_add, y)

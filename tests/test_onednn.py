@@ -99,6 +99,56 @@ def test_conv_bfloat16(shape):
     _close_scaled(o, r, 1e-2, f'{what} {shape}')
 
 
+# The last conv of each residual branch (stride 1) and the addend it takes: the unit's
+# shortcut, of the output's shape.
+LAST_CONVS = [s for s in CONV_SHAPES if s[4] == 1 and s[1] != 3]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _conv_add_grads(op, x, w, h, dy, strides, padding):
+  y, vjp = jax.vjp(lambda a, b, c: op(a, b, strides, padding, c), x, w, h)
+  return (y,) + vjp(dy)
+
+
+def _plain_conv_add(x, w, strides, padding, h):
+  return layers.xla_conv(x, w, strides, padding) + h
+
+
+@pytest.mark.parametrize('shape', LAST_CONVS, ids=lambda s: 'x{}c{}k{}o{}'.format(*s))
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['f32', 'bf16'])
+def test_conv_add(shape, dtype):
+  """conv + addend in one oneDNN pass (bfloat16): the value and the three gradients of
+  the conv and the sum done in turn, rounded once instead of twice."""
+  size, cin, k, cout, stride = shape
+  x, w, dy = _conv_case(jax.random.key(sum(shape)), *shape, dtype)
+  h = jax.random.normal(jax.random.key(7), dy.shape).astype(dtype)
+  args = (x, w, h, dy, (1, 1), _pad(k))
+  f32 = lambda a: a.astype(jnp.float32)
+  ours = _conv_add_grads(onednn.conv_add, *args)
+  ref = _conv_add_grads(_plain_conv_add, *map(f32, args[:4]), *args[4:])
+  for o, r, what in zip(ours, ref, ('y', 'dx', 'dw', 'dh')):
+    assert o.dtype == dtype
+    _close_scaled(o, r, 1e-2 if dtype == jnp.bfloat16 else 1e-5, f'{what} {shape}')
+  hlo = jax.jit(onednn.conv_add, static_argnums=(2, 3)).lower(
+      x, w, (1, 1), _pad(k), h).as_text()
+  # Fused in bfloat16; in float32 oneDNN 2.6's fused kernels are slower, and the sum
+  # is the plain one, bit for bit.
+  assert ('preact_onednn_conv_fwd_add' in hlo) == (dtype == jnp.bfloat16)
+  if dtype == jnp.float32:
+    np.testing.assert_array_equal(ours[0], onednn.conv(x, w, (1, 1), _pad(k)) + h)
+
+
+def test_conv_add_falls_back_where_it_cannot_fuse():
+  x, w, _ = _conv_case(jax.random.key(0), 8, 4, 3, 4, 1, jnp.bfloat16)
+  h32 = jnp.ones((BATCH, 8, 8, 4), jnp.float32)  # another dtype: promoted as by +
+  out = onednn.conv_add(x, w, (1, 1), _pad(3), h32)
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, onednn.conv(x, w, (1, 1), _pad(3)) + h32)
+  row = jnp.ones((8, 4), jnp.bfloat16)  # broadcast, not the output's shape
+  np.testing.assert_array_equal(onednn.conv_add(x, w, (1, 1), _pad(3), row),
+                                onednn.conv(x, w, (1, 1), _pad(3)) + row)
+
+
 def test_conv_falls_back_to_xla():
   x = jnp.ones((1, 8, 8, 4), jnp.float16)
   w = jnp.ones((3, 3, 4, 4), jnp.float16)
@@ -314,6 +364,40 @@ def test_thirty_training_steps_on_onednn_match_xlas_formulations(tmp_path):
   assert dnn_rows[-1]['test_error'] == xla_rows[-1]['test_error']
   for a, b in zip(jax.tree.leaves(xla_params), jax.tree.leaves(dnn_params)):
     assert np.linalg.norm(b - a) <= 0.1 * np.linalg.norm(a)
+
+
+@pytest.mark.parametrize('unit, fused', [('full_preact', 3), ('original', 0)])
+def test_a_bfloat16_unit_adds_its_shortcut_in_its_last_conv(unit, fused, monkeypatch):
+  """Where F ends in a conv and h is added as it is (full pre-activation), each unit's
+  last conv adds h as it writes F; where BN follows that conv, nothing is fused. The
+  fused net is as close to the float32 net as the sum done in turn is."""
+  from preact import models
+  x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+
+  def value_and_grad(dtype):
+    net = models.cifar_resnet(11, unit, 'bottleneck', num_classes=3, dtype=dtype,
+                              scan=False, cpu_kernels='onednn')
+    v = net.init(jax.random.key(1), x, train=False)
+
+    def loss(p):
+      out, _ = net.apply({**v, 'params': p}, x, train=True, mutable=['batch_stats'])
+      return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    jaxpr = str(jax.make_jaxpr(loss)(v['params']))
+    l, g = jax.value_and_grad(loss)(v['params'])
+    flat = np.concatenate([np.ravel(a).astype(np.float32) for a in jax.tree.leaves(g)])
+    return jaxpr.count('preact_onednn_conv_fwd_add'), l, flat
+
+  _, l32, g32 = value_and_grad(jnp.float32)  # float32 is never fused
+  count, l_fused, g_fused = value_and_grad(jnp.bfloat16)
+  assert count == fused  # ResNet-11 has 3 units
+  monkeypatch.setattr(onednn, 'conv_add', lambda x, w, s, p, h: onednn.conv(x, w, s, p) + h)
+  count, l_plain, g_plain = value_and_grad(jnp.bfloat16)
+  assert count == 0
+  # Measured: 0.034 (fused) and 0.035 (in turn) of the gradient's norm.
+  err = lambda g: np.linalg.norm(g - g32) / np.linalg.norm(g32)
+  assert err(g_fused) <= 1.25 * err(g_plain) and err(g_plain) < 0.1
+  assert abs(l_fused - l32) <= 1.25 * abs(l_plain - l32) + 1e-3 * abs(l32)
 
 
 def test_a_nets_flops_do_not_depend_on_its_kernels():

@@ -5,7 +5,8 @@ convolution and batch-norm primitives (``onednn_ffi.cc``) on NHWC activations an
 kernels, float32 and bfloat16:
 
 - :func:`conv` (x, kernel, strides, padding): ``preact.layers.Conv``'s ``op``, the same
-  contract as ``preact.layers.xla_conv`` / ``preact.cpu_kernels.conv``.
+  contract as ``preact.layers.xla_conv`` / ``preact.cpu_kernels.conv``; :func:`conv_add`
+  (..., addend), its ``add_op``: the convolution plus a residual in one pass.
 - :func:`batch_norm_train` (x, scale, bias, epsilon, axis_name, relu) and
   :func:`batch_norm_inference` (x, mean, var, scale, bias, epsilon, relu): the contracts
   of ``preact.cpu_kernels``' functions of the same names, a ReLU of the output fused in
@@ -44,6 +45,7 @@ LIBRARY = pathlib.Path(__file__).resolve().parent / '_onednn_ffi.so'
 # FFI target name → symbol in the library.
 _TARGETS = {
     'preact_onednn_conv_fwd': 'PreactOnednnConvFwd',
+    'preact_onednn_conv_fwd_add': 'PreactOnednnConvFwdAdd',
     'preact_onednn_conv_bwd_data': 'PreactOnednnConvBwdData',
     'preact_onednn_conv_bwd_weights': 'PreactOnednnConvBwdWeights',
     'preact_onednn_bn_fwd_train': 'PreactOnednnBnFwdTrain',
@@ -167,6 +169,40 @@ def _match_varying(*args):
   return tuple(a if m.varying == axes else
                jax.lax.pcast(a, tuple(sorted(axes - m.varying, key=str)), to='varying')
                for a, m in zip(args, mats))
+
+
+def conv_add(x, kernel, strides, padding, addend):
+  """``conv(x, kernel, strides, padding) + addend``, in bfloat16 as one pass: oneDNN adds
+  ``addend`` (the output's shape) to the convolution's float32 accumulator before it
+  writes the output, which then is rounded once, not twice.
+
+  In float32 it is the two in turn: oneDNN 2.6 has the fused sum only in its older jit
+  kernels, not the brgemm ones it otherwise picks, and in float32 those lose what the
+  fusion saves (ResNet-164's 1×1 and ResNet-20's 3×3 convs, ``docs/performance.md``).
+  """
+  plan = _conv_plan(x, kernel, strides, padding)
+  if plan is None or jnp.dtype(x.dtype) != jnp.dtype(jnp.bfloat16) or \
+      jnp.dtype(addend.dtype) != jnp.dtype(x.dtype) or \
+      addend.shape != _conv_out(x.shape, kernel.shape, *plan):
+    return conv(x, kernel, strides, padding) + addend
+  return _conv_add(*_match_varying(x, kernel, addend), *plan)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv_add(x, kernel, addend, strides, padding):
+  return _ffi('preact_onednn_conv_fwd_add', jax.ShapeDtypeStruct(addend.shape, x.dtype),
+              x, kernel, addend, **_conv_attrs(strides, padding))
+
+
+def _conv_add_fwd(x, kernel, addend, strides, padding):
+  return _conv_add(x, kernel, addend, strides, padding), (x, kernel)
+
+
+def _conv_add_bwd(strides, padding, residuals, dy):
+  return (*_conv_bwd(strides, padding, residuals, dy), dy)
+
+
+_conv_add.defvjp(_conv_add_fwd, _conv_add_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -119,11 +119,19 @@ struct ConvGeom {
   memory::desc YMd() const { return memory::desc(Nchw(y), type, tag::nhwc); }
   memory::desc WPlain(dt t) const { return memory::desc(Oihw(w), t, tag::hwio); }
   memory::desc WAny(dt t) const { return memory::desc(Oihw(w), t, tag::any); }
-  dnnl::convolution_forward::primitive_desc FwdPd() const {
+  // With `add`, a binary post-op adds a tensor of the output's shape to the f32
+  // accumulator before the result is written (a residual sum in the same pass).
+  dnnl::convolution_forward::primitive_desc FwdPd(bool add = false) const {
     dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training,
                                       dnnl::algorithm::convolution_direct, XMd(), WAny(type),
                                       YMd(), strides, pad_l, pad_r);
-    return dnnl::convolution_forward::primitive_desc(d, UserScratchpad(), Engine());
+    auto attr = UserScratchpad();
+    if (add) {
+      dnnl::post_ops ops;
+      ops.append_binary(dnnl::algorithm::binary_add, YMd());
+      attr.set_post_ops(ops);
+    }
+    return dnnl::convolution_forward::primitive_desc(d, attr, Engine());
   }
 };
 
@@ -178,16 +186,20 @@ ffi::Error CheckGeom(ConvGeom& g, ffi::DataType t0, ffi::DataType t1,
     return ffi::Error::Internal(std::string("onednn_ffi: ") + e.what());      \
   }
 
-ffi::Error ConvFwdImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                       ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
-                       ffi::Span<const int64_t> pad_hi) {
+// x (NHWC), w (HWIO)[, addend (NHWC, the output's shape)] → y = conv(x, w) [+ addend].
+ffi::Error ConvFwdCommon(ffi::AnyBuffer x, ffi::AnyBuffer w, const ffi::AnyBuffer* addend,
+                         ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> strides,
+                         ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
   ConvGeom g{Dims(x.dimensions()), Dims(w.dimensions()), Dims(y->dimensions())};
   if (auto err = CheckGeom(g, x.element_type(), w.element_type(), strides, pad_lo, pad_hi);
       !err.success())
     return err;
+  if (addend && (addend->element_type() != x.element_type() ||
+                 Dims(addend->dimensions()) != g.y))
+    return ffi::Error::InvalidArgument("onednn conv: the addend must match the output");
   TRY_DNNL({
-    auto c = conv_fwd_cache.Get(g.Key("cf"), [&] {
-      auto pd = g.FwdPd();
+    auto c = conv_fwd_cache.Get(g.Key(addend ? "cfa" : "cf"), [&] {
+      auto pd = g.FwdPd(addend != nullptr);
       auto plain = g.WPlain(g.type);
       return ConvFwd{pd, dnnl::convolution_forward(pd), plain, pd.weights_desc() != plain};
     });
@@ -200,10 +212,27 @@ ffi::Error ConvFwdImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
       wk = memory(c->pd.weights_desc(), eng);
       Reorder(wm, wk);
     }
-    Exec(c->prim, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wk}, {DNNL_ARG_DST, ym}}, c->pd);
+    std::unordered_map<int, memory> args{
+        {DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wk}, {DNNL_ARG_DST, ym}};
+    if (addend)
+      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
+                   memory(g.YMd(), eng, addend->untyped_data()));
+    Exec(c->prim, std::move(args), c->pd);
     Stream().wait();
   })
   return ffi::Error::Success();
+}
+
+ffi::Error ConvFwdImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                       ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                       ffi::Span<const int64_t> pad_hi) {
+  return ConvFwdCommon(x, w, nullptr, y, strides, pad_lo, pad_hi);
+}
+
+ffi::Error ConvFwdAddImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer addend,
+                          ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> strides,
+                          ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi) {
+  return ConvFwdCommon(x, w, &addend, y, strides, pad_lo, pad_hi);
 }
 
 // dy (NHWC, the output's shape), w (HWIO) → dx (NHWC, the input's shape).
@@ -467,6 +496,15 @@ static auto ConvBinding() {
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvFwd, ConvFwdImpl, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvFwdAdd, ConvFwdAddImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
+                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvBwdData, ConvBwdDataImpl, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvBwdWeights, ConvBwdWeightsImpl, ConvBinding());
 
