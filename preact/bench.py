@@ -204,17 +204,20 @@ def torch_reference(depth=164, block='bottleneck', unit='full_preact', batch=128
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def conv_profile(depth=164, block='bottleneck', batch=128, reps=5,
-                 torch_too=True) -> list[dict]:
+def conv_profile(depth=164, block='bottleneck', batch=128, reps=5, torch_too=True,
+                 dtype='float32') -> list[dict]:
   """Where the train step's time goes, per convolution shape: forward and forward +
   both gradients for every distinct conv of the CIFAR net, XLA as autodiff emits it,
-  with preact's XLA:CPU formulation, oneDNN's (where built) and PyTorch; times the
-  number of such convs."""
+  with preact's XLA:CPU formulation, oneDNN's (where built) and PyTorch (float32 only);
+  times the number of such convs. For a unit's last conv, also oneDNN's forward with
+  the shortcut added in the same pass (``onednn_add_fused_fwd_ms``, whatever
+  ``onednn.conv_add`` picks for the dtype) and after it (``onednn_add_in_turn_fwd_ms``)."""
   from preact import cpu_kernels, layers, onednn
   from preact.units import BLOCKS
   n, widths = models.cifar_stages(depth, block)
   projects = block == 'bottleneck'  # basic nets change shape by zero padding (option A)
   shapes = {}  # (h, cin, cout, k, stride) -> count
+  last = set()  # the shapes of a unit's last conv, which may add the shortcut
 
   def add(key, count=1):
     shapes[key] = shapes.get(key, 0) + count
@@ -227,6 +230,8 @@ def conv_profile(depth=164, block='bottleneck', batch=128, reps=5,
       c, h = (cin, size) if j == 0 else (width, size // stride)
       for i, (k, div) in enumerate(BLOCKS[block]):
         add((h, c, width // div, k, s if i == 0 else 1))
+        if i == len(BLOCKS[block]) - 1 and (s == 1 or i > 0):
+          last.add((h, c, width // div, k, 1))
         h, c = (h // s if i == 0 else h), width // div
       if j == 0 and projects and (s != 1 or cin != width):
         add((size, cin, width, 1, s))
@@ -234,8 +239,8 @@ def conv_profile(depth=164, block='bottleneck', batch=128, reps=5,
     cin = width
   rows = []
   for (h, cin, cout, k, s), count in sorted(shapes.items()):
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, h, h, cin)), jnp.float32)
-    w = jnp.asarray(np.random.default_rng(1).normal(size=(k, k, cin, cout)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, h, h, cin)), dtype)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(k, k, cin, cout)), dtype)
     pad = ((k // 2, k // 2),) * 2
     plain = lambda x, w: layers.xla_conv(x, w, (s, s), pad)
     if k == 1:
@@ -254,7 +259,15 @@ def conv_profile(depth=164, block='bottleneck', batch=128, reps=5,
       row[f'{name}_fwd_ms'] = 1e3 * _median_time(lambda: fwd(x, w), reps)
       row[f'{name}_fwd_bwd_ms'] = 1e3 * (_median_time(lambda: grad(x, w), reps) +
                                          _median_time(lambda: fwd(x, w), reps))
-    if torch_too:
+    if onednn.available() and (h, cin, cout, k, s) in last:
+      shortcut = jnp.ones((batch, h, h, cout), dtype)
+      fused = jax.jit(lambda x, w, r: onednn._conv_add(x, w, r, (1, 1), pad))
+      in_turn = jax.jit(lambda x, w, r: onednn.conv(x, w, (1, 1), pad) + r)
+      for name, f in (('fused', fused), ('in_turn', in_turn)):
+        jax.block_until_ready(f(x, w, shortcut))
+        row[f'onednn_add_{name}_fwd_ms'] = 1e3 * _median_time(lambda: f(x, w, shortcut),
+                                                               reps)
+    if torch_too and jnp.dtype(dtype) == jnp.float32:
       row.update(_torch_conv(batch, h, cin, cout, k, s, reps))
     rows.append(row)
   return rows

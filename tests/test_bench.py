@@ -79,3 +79,19 @@ def test_pytorch_profile_uses_the_same_kinds(autocast):
   assert set(kinds) <= set(profile.KINDS)
   for kind in profile.KINDS[:6]:
     assert kinds.get(kind, 0) > 0, kind
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_conv_profile_times_every_conv_shape_and_the_fused_shortcut_sum(dtype):
+  rows = bench.conv_profile(11, 'bottleneck', batch=2, reps=1, torch_too=False, dtype=dtype)
+  # ResNet-11: the stem, 3 units of 1×1-3×3-1×1 convs, 3 projections; no two alike.
+  assert sum(r['count'] for r in rows) == 1 + 3 * 3 + 3
+  for r in rows:
+    assert r['xla_fwd_ms'] > 0 and r['preact_fwd_bwd_ms'] > 0
+  fused = [r for r in rows if 'onednn_add_fused_fwd_ms' in r]
+  if onednn.available():  # the 1×1 expansion ending each of the 3 units
+    assert [(r['k'], r['stride'], r['cout'] == 4 * r['cin']) for r in fused] == \
+        [(1, 1, True)] * 3
+    assert all(r['onednn_add_in_turn_fwd_ms'] > 0 for r in fused)
+  else:
+    assert not fused

@@ -344,6 +344,8 @@ def test_preact_bench_command_prints_ours_beside_pytorch():
   before, after = r['torch_runs']  # PyTorch on either side of ours; the ratio uses the mean
   assert r['torch']['images_per_s'] == pytest.approx(
       (before['images_per_s'] + after['images_per_s']) / 2)
+  assert r['ratio_vs_faster_torch'] == pytest.approx(
+      r['images_per_s'] / max(before['images_per_s'], after['images_per_s']))
   out = run_cli('bench', '--mode=compile', '--depths=8,14', '--block=basic', '--batch=8',
                 '--json', check=True, fast_compile=False).stdout
   r = json.loads(out.strip().splitlines()[-1])
