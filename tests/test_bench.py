@@ -56,6 +56,7 @@ def test_profile_puts_every_executed_op_of_the_step_in_a_kind(cpu_kernels):
   assert r['unknown_ops'] == 0
   assert list(r['ms_by_kind']) == list(profile.KINDS)
   assert r['op_ms_total'] == pytest.approx(sum(r['ms_by_kind'].values()))
+  assert 0 < r['op_ms_total'] <= r['op_ms_raw'] * (1 + 1e-9)
   for kind in profile.KINDS[:6]:  # both conv sizes and BN, forward and backward
     assert r['ms_by_kind'][kind] > 0, kind
   assert r['ms_by_kind']['copies, layout, scan'] > 0  # the scan's stacked activations
@@ -95,3 +96,12 @@ def test_conv_profile_times_every_conv_shape_and_the_fused_shortcut_sum(dtype):
     assert all(r['onednn_add_in_turn_fwd_ms'] > 0 for r in fused)
   else:
     assert not fused
+
+
+def test_overlapping_op_events_share_the_wall_time_once():
+  from preact import profile
+  # b's event opens while a runs (b waits on it), c runs inside d's event, e alone.
+  events = [('a', 0, 10), ('b', 2, 12), ('d', 20, 30), ('c', 23, 25), ('e', 40, 41)]
+  assert profile.wall_time_by_op(events) == {'a': 10, 'b': 2, 'c': 2, 'd': 8, 'e': 1}
+  assert profile.wall_time_by_op([('a', 0, 5), ('a', 5, 7)]) == {'a': 7}
+  assert profile.wall_time_by_op([]) == {}
