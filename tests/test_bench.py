@@ -57,6 +57,7 @@ def test_profile_puts_every_executed_op_of_the_step_in_a_kind(cpu_kernels):
   assert list(r['ms_by_kind']) == list(profile.KINDS)
   assert r['op_ms_total'] == pytest.approx(sum(r['ms_by_kind'].values()))
   assert 0 < r['op_ms_total'] <= r['op_ms_raw'] * (1 + 1e-9)
+  assert r['op_ms_total'] <= r['traced_step_ms'] * (1 + 1e-9)  # each instant counted once
   for kind in profile.KINDS[:6]:  # both conv sizes and BN, forward and backward
     assert r['ms_by_kind'][kind] > 0, kind
   assert r['ms_by_kind']['copies, layout, scan'] > 0  # the scan's stacked activations

@@ -484,29 +484,26 @@ ffi::Error BnFwdInferImpl(ffi::AnyBuffer x, ffi::AnyBuffer mean, ffi::AnyBuffer 
 
 }  // namespace
 
-// The three convolutions take two arrays, return one, and share their attributes.
-static auto ConvBinding() {
-  return ffi::Ffi::Bind()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Attr<ffi::Span<const int64_t>>("strides")
-      .Attr<ffi::Span<const int64_t>>("pad_lo")
-      .Attr<ffi::Span<const int64_t>>("pad_hi");
+// The convolutions return one array and share their attributes, after two arrays (the
+// forward with a sum: three).
+template <typename Arrays>
+static auto ConvBinding(Arrays&& arrays) {
+  return std::move(arrays)
+      .template Ret<ffi::AnyBuffer>()
+      .template Attr<ffi::Span<const int64_t>>("strides")
+      .template Attr<ffi::Span<const int64_t>>("pad_lo")
+      .template Attr<ffi::Span<const int64_t>>("pad_hi");
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvFwd, ConvFwdImpl, ConvBinding());
+static auto TwoArrays() { return ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>(); }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvFwd, ConvFwdImpl, ConvBinding(TwoArrays()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvFwdAdd, ConvFwdAddImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("pad_lo")
-                                  .Attr<ffi::Span<const int64_t>>("pad_hi"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvBwdData, ConvBwdDataImpl, ConvBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvBwdWeights, ConvBwdWeightsImpl, ConvBinding());
+                              ConvBinding(TwoArrays().Arg<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvBwdData, ConvBwdDataImpl,
+                              ConvBinding(TwoArrays()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnConvBwdWeights, ConvBwdWeightsImpl,
+                              ConvBinding(TwoArrays()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PreactOnednnBnFwdTrain, BnFwdTrainImpl,
                               ffi::Ffi::Bind()
