@@ -115,14 +115,15 @@ def bench_train(model, batch=128, image_shape=(32, 32, 3), steps=10, warmup=2,
   return out
 
 
-def op_profile(model, batch=128, image_shape=(32, 32, 3), steps=2) -> dict:
+def op_profile(model, batch=128, image_shape=(32, 32, 3), steps=2, attempts=3) -> dict:
   """Per-kind and per-op time of one train step (preact.profile), after a warm-up step,
   beside the step's own median time."""
   from preact import profile
   compiled, one, _, _ = _compiled_step(model, batch, image_shape)
   jax.block_until_ready(one())
   step_ms = 1e3 * _median_time(one, 3)
-  return dict(step_ms=step_ms, **profile.profile_step(compiled.as_text(), one, steps))
+  return dict(step_ms=step_ms, **profile.profile_step(compiled.as_text(), one, steps,
+                                                      attempts=attempts))
 
 
 def bench_probe(model, batch=32, image_shape=(32, 32, 3), steps=3) -> float:

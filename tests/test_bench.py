@@ -52,7 +52,8 @@ def test_pipeline_throughput_is_measured_without_tfds():
 def test_profile_puts_every_executed_op_of_the_step_in_a_kind(cpu_kernels):
   from preact import profile
   # Two units a stage: the scanned bodies' ops are counted on every trip.
-  r = bench.op_profile(bench.cifar_model(20, 'bottleneck', cpu_kernels=cpu_kernels), batch=4, steps=1)
+  r = bench.op_profile(bench.cifar_model(20, 'bottleneck', cpu_kernels=cpu_kernels), batch=4,
+                       steps=1, attempts=1)
   assert r['unknown_ops'] == 0
   assert list(r['ms_by_kind']) == list(profile.KINDS)
   assert r['op_ms_total'] == pytest.approx(sum(r['ms_by_kind'].values()))
