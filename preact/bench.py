@@ -7,6 +7,7 @@ are noise.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
@@ -210,15 +211,16 @@ def conv_profile(depth=164, block='bottleneck', batch=128, reps=5, torch_too=Tru
   """Where the train step's time goes, per convolution shape: forward and forward +
   both gradients for every distinct conv of the CIFAR net, XLA as autodiff emits it,
   with preact's XLA:CPU formulation, oneDNN's (where built) and PyTorch (float32 only);
-  times the number of such convs. For a unit's last conv, also oneDNN's forward with
-  the shortcut added in the same pass (``onednn_add_fused_fwd_ms``, whatever
-  ``onednn.conv_add`` picks for the dtype) and after it (``onednn_add_in_turn_fwd_ms``)."""
+  times the number of such convs. For the shape of a unit's last conv, also oneDNN's
+  forward with the shortcut added in the same pass (``onednn_add_fused_fwd_ms``, the
+  fused kernel in either dtype, which is how ``onednn.conv_add`` chooses) and after it
+  (``onednn_add_in_turn_fwd_ms``), and how many last convs have it (``last_count``)."""
   from preact import cpu_kernels, layers, onednn
   from preact.units import BLOCKS
   n, widths = models.cifar_stages(depth, block)
   projects = block == 'bottleneck'  # basic nets change shape by zero padding (option A)
   shapes = {}  # (h, cin, cout, k, stride) -> count
-  last = set()  # the shapes of a unit's last conv, which may add the shortcut
+  last = collections.Counter()  # the shapes of units' last convs, which add the shortcut
 
   def add(key, count=1):
     shapes[key] = shapes.get(key, 0) + count
@@ -232,7 +234,7 @@ def conv_profile(depth=164, block='bottleneck', batch=128, reps=5, torch_too=Tru
       for i, (k, div) in enumerate(BLOCKS[block]):
         add((h, c, width // div, k, s if i == 0 else 1))
         if i == len(BLOCKS[block]) - 1 and (s == 1 or i > 0):
-          last.add((h, c, width // div, k, 1))
+          last[(h, c, width // div, k, 1)] += 1
         h, c = (h // s if i == 0 else h), width // div
       if j == 0 and projects and (s != 1 or cin != width):
         add((size, cin, width, 1, s))
@@ -261,6 +263,7 @@ def conv_profile(depth=164, block='bottleneck', batch=128, reps=5, torch_too=Tru
       row[f'{name}_fwd_bwd_ms'] = 1e3 * (_median_time(lambda: grad(x, w), reps) +
                                          _median_time(lambda: fwd(x, w), reps))
     if onednn.available() and (h, cin, cout, k, s) in last:
+      row['last_count'] = last[(h, cin, cout, k, s)]
       shortcut = jnp.ones((batch, h, h, cout), dtype)
       fused = jax.jit(lambda x, w, r: onednn._conv_add(x, w, r, (1, 1), pad))
       in_turn = jax.jit(lambda x, w, r: onednn.conv(x, w, (1, 1), pad) + r)

@@ -149,12 +149,13 @@ def wall_time_by_op(events) -> collections.Counter:
   XLA:CPU runs independent ops on several threads, and an op's event may also open
   before the op gets a core (measured: events of a chain of dependent ops summing to
   2.5 times the step). Charging each instant once, to the op that closes first (the one
-  running, not the one waiting on it), makes the ops' times add up to the time the
-  step spent in them."""
+  running, not the one waiting on it; of two closing together, the one that opened
+  later, which ran inside the other), makes the ops' times add up to the time the step
+  spent in them."""
   bounds = sorted({t for _, start, end in events for t in (start, end)})
   starts = collections.defaultdict(list)
   for name, start, end in events:
-    starts[start].append((end, name))
+    starts[start].append((end, -start, name))
   share, open_ops = collections.Counter(), []
   for t, t_next in zip(bounds, bounds[1:]):
     for item in starts.get(t, ()):
@@ -162,7 +163,7 @@ def wall_time_by_op(events) -> collections.Counter:
     while open_ops and open_ops[0][0] <= t:
       heapq.heappop(open_ops)
     if open_ops:
-      share[open_ops[0][1]] += t_next - t
+      share[open_ops[0][2]] += t_next - t
   return share
 
 
@@ -199,7 +200,7 @@ def profile_step(hlo_text: str, run, steps: int = 2, top: int = 25, attempts: in
   kinds = hlo_kinds(hlo_text)
   span = lambda events: max(e for *_, e in events) - min(s for _, s, _ in events)
   events, unknown = min((_traced_events(kinds, run, steps) for _ in range(attempts)),
-                        key=lambda traced: span(traced[0]) if traced[0] else 0)
+                        key=lambda traced: span(traced[0]) if traced[0] else float('inf'))
   per_op = wall_time_by_op(events)
   by_kind = collections.Counter()
   for name, ns in per_op.items():

@@ -66,7 +66,8 @@ PLACEMENTS: dict[str, Placement] = {
 
 
 class Shortcut(nn.Module):
-  """Fig. 2(a), the identity: x_{l+1} = h + F. Subclasses change the combination."""
+  """Fig. 2(a), the identity: x_{l+1} = h + F. Subclasses change the combination.
+  (Where F ends in a conv, the unit has that conv add h instead: UnitDef.plain_sum.)"""
   conv: ModuleDef = nn.Conv  # injected by the unit, for shortcuts with parameters
 
   @nn.compact
@@ -152,6 +153,12 @@ class UnitDef:
   def identity_shortcut(self) -> bool:
     """Fig. 4's variants (h = identity) as opposed to Fig. 2's."""
     return self.shortcut is Shortcut and not self.project_always
+
+  @property
+  def plain_sum(self) -> bool:
+    """Whether x_{l+1} = h + F with F ending in its last conv: that conv may then add h
+    as it writes F (one pass over x_{l+1} instead of two, where the kernels can)."""
+    return self.shortcut is Shortcut and not self.layout.after_branch
 
   def resolve(self, args: dict | None = None) -> Callable[..., Shortcut]:
     """The shortcut with ``args`` bound over its defaults, checked by building it."""
@@ -290,10 +297,6 @@ class ResidualUnit(nn.Module):
         h = self.norm(name='proj_bn')(h, use_running_average=not train)
     elif reshape:
       h = zero_pad(h, self.features, self.strides)
-    # Where F ends in its last conv and the shortcut adds h as it is, that conv adds h
-    # while it writes F (one pass over x_{l+1} instead of two, where the kernels can).
-    plain_sum = (not p.after_branch
-                 and getattr(self.combine, 'func', self.combine) is Shortcut)
     convs = BLOCKS[self.block]
     for i, (k, div) in enumerate(convs):
       if i:
@@ -302,8 +305,9 @@ class ResidualUnit(nn.Module):
       zero = self.zero_init_last and last and not p.normalized_branch
       init = {'kernel_init': nn.initializers.zeros} if zero else {}
       y = self.conv(self.features // div, (k, k), (self.strides if i == 0 else 1,) * 2,
-                    **init)(y, addend=h if plain_sum and last else None)
+                    **init)(y, addend=h if unit.plain_sum and last else None)
+    if unit.plain_sum:  # the last conv has added h: y is h + F
+      return ops(p.after_add, y)
     y = ops(p.after_branch, y, last=True)
-    if not plain_sum:
-      y = self.combine(conv=self.conv, name='shortcut')(x, h, y, train)
-    return ops(p.after_add, y)
+    out = self.combine(conv=self.conv, name='shortcut')(x, h, y, train)
+    return ops(p.after_add, out)

@@ -87,14 +87,15 @@ def test_pytorch_profile_uses_the_same_kinds(autocast):
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_conv_profile_times_every_conv_shape_and_the_fused_shortcut_sum(dtype):
   rows = bench.conv_profile(11, 'bottleneck', batch=2, reps=1, torch_too=False, dtype=dtype)
-  # ResNet-11: the stem, 3 units of 1×1-3×3-1×1 convs, 3 projections; no two alike.
+  # ResNet-11: the stem, 3 units of 1×1-3×3-1×1 convs, 3 projections (stage 1's has
+  # the shape of its unit's last conv).
   assert sum(r['count'] for r in rows) == 1 + 3 * 3 + 3
   for r in rows:
     assert r['xla_fwd_ms'] > 0 and r['preact_fwd_bwd_ms'] > 0
   fused = [r for r in rows if 'onednn_add_fused_fwd_ms' in r]
   if onednn.available():  # the 1×1 expansion ending each of the 3 units
-    assert [(r['k'], r['stride'], r['cout'] == 4 * r['cin']) for r in fused] == \
-        [(1, 1, True)] * 3
+    assert [(r['k'], r['stride'], r['cout'] == 4 * r['cin'], r['last_count'])
+            for r in fused] == [(1, 1, True, 1)] * 3
     assert all(r['onednn_add_in_turn_fwd_ms'] > 0 for r in fused)
   else:
     assert not fused
@@ -106,4 +107,6 @@ def test_overlapping_op_events_share_the_wall_time_once():
   events = [('a', 0, 10), ('b', 2, 12), ('d', 20, 30), ('c', 23, 25), ('e', 40, 41)]
   assert profile.wall_time_by_op(events) == {'a': 10, 'b': 2, 'c': 2, 'd': 8, 'e': 1}
   assert profile.wall_time_by_op([('a', 0, 5), ('a', 5, 7)]) == {'a': 7}
+  # Closing together: the op that opened later ran inside the other.
+  assert profile.wall_time_by_op([('z', 0, 10), ('a', 5, 10)]) == {'z': 5, 'a': 5}
   assert profile.wall_time_by_op([]) == {}

@@ -366,10 +366,12 @@ def test_thirty_training_steps_on_onednn_match_xlas_formulations(tmp_path):
     assert np.linalg.norm(b - a) <= 0.1 * np.linalg.norm(a)
 
 
-@pytest.mark.parametrize('unit, fused', [('full_preact', 3), ('original', 0)])
+@pytest.mark.parametrize('unit, fused', [('full_preact', 3), ('bn_after_addition', 3),
+                                         ('original', 0)])
 def test_a_bfloat16_unit_adds_its_shortcut_in_its_last_conv(unit, fused, monkeypatch):
-  """Where F ends in a conv and h is added as it is (full pre-activation), each unit's
-  last conv adds h as it writes F; where BN follows that conv, nothing is fused. The
+  """Where F ends in a conv and h is added as it is (full pre-activation, BN after
+  addition), each unit's last conv adds h as it writes F; where BN follows that conv,
+  nothing is fused. The
   fused net is as close to the float32 net as the sum done in turn is."""
   from preact import models
   x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
