@@ -346,6 +346,13 @@ def test_preact_bench_command_prints_ours_beside_pytorch():
       (before['images_per_s'] + after['images_per_s']) / 2)
   assert r['ratio_vs_faster_torch'] == pytest.approx(
       r['images_per_s'] / max(before['images_per_s'], after['images_per_s']))
+  out = run_cli('bench', '--mode=ops', '--depth=11', '--batch=2', '--steps=2', '--json',
+                check=True).stdout
+  r = json.loads(out.strip().splitlines()[-1])
+  assert sum(c['count'] for c in r['convs']) == 13  # ResNet-11's convs, by shape
+  assert r['total_ms']['xla_fwd_ms'] > 0 and r['total_ms']['torch_fwd_ms'] > 0
+  if 'onednn_add_fused_fwd_ms' in r['total_ms']:  # the 3 units' last convs only
+    assert sum(c.get('last_count', 0) for c in r['convs']) == 3
   out = run_cli('bench', '--mode=compile', '--depths=8,14', '--block=basic', '--batch=8',
                 '--json', check=True, fast_compile=False).stdout
   r = json.loads(out.strip().splitlines()[-1])

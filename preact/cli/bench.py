@@ -167,7 +167,7 @@ def _ops(bench):
   rows = bench.conv_profile(_DEPTH.value, _BLOCK.value, _BATCH.value, _STEPS.value // 2 or 1,
                            dtype=_DTYPE.value)
   # A fused-sum column counts only the units' last convs of its shape.
-  count = lambda r, k: r['last_count'] if k.startswith('onednn_add_') else r['count']
+  count = lambda r, k: r.get('last_count', 0) if k.startswith('onednn_add_') else r['count']
   totals = {k: sum(r.get(k, 0.0) * count(r, k) for r in rows)
             for k in sorted({k for r in rows for k in r if k.endswith('_ms')})}
   return {'convs': rows, 'total_ms': totals}
