@@ -192,8 +192,9 @@ def _traced_events(kinds, run, steps):
 def profile_step(hlo_text: str, run, steps: int = 2, top: int = 25, attempts: int = 3) -> dict:
   """Calls ``run()`` (one step of the compiled module ``hlo_text``; returns something to
   wait on) ``steps`` times under the profiler, ``attempts`` times over, and keeps the
-  fastest attempt: on 2 cores the profiler's own thread now and then stalls oneDNN's
-  thread team, and an attempt runs up to 2.5 times slower. Returns per-step ms by kind
+  fastest attempt: on 2 cores a traced step now and then runs up to 2.5 times slower
+  than an untraced one (likely the profiler's thread taking a core from oneDNN's thread
+  team). Returns per-step ms by kind
   and per op, each op charged its share of the wall time (:func:`wall_time_by_op`); the
   traced step's wall time; and the ops' own durations summed (``op_ms_raw``, more than
   the step where they overlap)."""
