@@ -284,12 +284,13 @@ def hardware(depth: int, remat: str = 'auto', cpu_kernels: str = 'auto',
              scan: str = 'auto') -> dict:
   """The ResNet settings the config leaves to the backend."""
   cpu = jax.default_backend() == 'cpu'
-  scanned = scan_setting(scan, depth, cpu_kernels) == 'on'
+  kernels = cpu_kernel_set(cpu_kernels)
+  scanned = scan_setting(scan, depth, kernels) == 'on'
   # Unrolled, XLA:CPU plans the same memory with remat as without (ResNet-20 and -56 at
   # batch 128: 0.19 and 0.53 GB either way): remat would only add the recomputation.
   auto_remat = cpu and scanned and depth >= REMAT_AUTO_DEPTH
   return dict(remat={'on': True, 'off': False}.get(remat, auto_remat),
-              cpu_kernels=cpu_kernel_set(cpu_kernels), scan=scanned)
+              cpu_kernels=kernels, scan=scanned)
 
 
 def from_config(config, num_classes: int) -> ResNet:
